@@ -16,8 +16,7 @@ def project_lock(state_dir: Path, what: str) -> Iterator[None]:
     """Hold the project's lock for `what`, or fail at once if another command holds it."""
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / "lock"
-    handle = open(path, "a+")
-    try:
+    with open(path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -31,5 +30,3 @@ def project_lock(state_dir: Path, what: str) -> Iterator[None]:
         handle.write(f"{what} (pid {os.getpid()})")
         handle.flush()
         yield
-    finally:
-        handle.close()
