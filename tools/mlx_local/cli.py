@@ -19,9 +19,9 @@ Handler = Callable[[argparse.Namespace], int | None]
 
 def _command_groups() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Every area's `register(subparsers)`; the only place that knows which commands exist."""
-    from . import cli_repo
+    from . import cli_models, cli_repo
 
-    return [cli_repo.register]
+    return [cli_repo.register, cli_models.register]
 
 
 def build_parser() -> argparse.ArgumentParser:
