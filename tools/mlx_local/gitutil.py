@@ -59,7 +59,7 @@ def rev(repo: Path, name: str) -> str | None:
 
 def dirty_paths(repo: Path) -> list[str]:
     """Tracked changes and untracked, non-ignored files: work that a command must not lose."""
-    lines = out(repo, "status", "--porcelain", "--untracked-files=all").splitlines()
+    lines = git(repo, "status", "--porcelain", "--untracked-files=all").stdout.splitlines()
     return [line[3:] for line in lines if line]
 
 

@@ -1,0 +1,135 @@
+"""Commands for the patched checkout and its patch queue: setup-repo, patches."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+
+from . import checkout, project
+from .locking import project_lock
+from .upstream import SOURCES
+
+console = Console()
+
+OUTCOME_STYLE = {"clean": "green", "three-way": "yellow", "empty": "cyan", "conflict": "red"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `setup-repo` and `patches` to the parser."""
+    setup = sub.add_parser(
+        "setup-repo",
+        help="clone upstream mlx-lm at the pinned release, apply the patch queue, install it",
+        description="Create or reuse mlx-lm-repo/ at a release with the patch queue applied, "
+        "install it editable into this venv and verify the server's options.",
+    )
+    setup.add_argument("--ref", help="release tag to build on (default: the pin in upstream.toml)")
+    setup.add_argument(
+        "--source", choices=SOURCES, default="auto", help="where upstream comes from"
+    )
+    setup.add_argument("--upstream", metavar="URL", help="git URL or path instead of upstream's")
+    setup.add_argument("--no-install", action="store_true", help="do not pip install the checkout")
+    setup.add_argument(
+        "--backend",
+        choices=checkout.BACKENDS,
+        default="auto",
+        help="mlx build to install (auto: metal on Apple silicon, cpu elsewhere)",
+    )
+    setup.set_defaults(handler=run_setup_repo)
+
+    patches = sub.add_parser("patches", help="inspect and edit the patch queue")
+    actions = patches.add_subparsers(dest="patches_command", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="each patch, its guard, what it provides, its state")
+    listing.set_defaults(handler=run_patches_list)
+    new = actions.add_parser(
+        "new", help="turn new commits (and uncommitted changes) in mlx-lm-repo/ into patch files"
+    )
+    new.add_argument("name", help="file name part of the new patch, e.g. server-my-option")
+    new.add_argument("-m", "--message", help="commit subject for uncommitted changes")
+    new.add_argument(
+        "--provides",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="server option the patch adds (repeatable; written as a Provides: trailer)",
+    )
+    new.set_defaults(handler=run_patches_new)
+    actions.add_parser(
+        "export", help="rewrite patches/ from mlx-lm-repo/'s branch (refresh)"
+    ).set_defaults(handler=run_patches_export)
+
+
+def run_setup_repo(args: argparse.Namespace) -> int:
+    """setup-repo: build, install and verify the patched checkout."""
+    proj = project.current()
+    with project_lock(proj.state_dir, "setup-repo"):
+        report = checkout.setup(
+            proj,
+            ref=args.ref,
+            source=args.source,
+            upstream_url=args.upstream,
+            install=not args.no_install,
+            backend=args.backend,
+        )
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    table = Table(title=f"mlx-lm {report.base} + patch queue ({report.source})")
+    table.add_column("patch")
+    table.add_column("result")
+    for outcome in report.applied:
+        style = OUTCOME_STYLE.get(outcome.result, "")
+        table.add_row(outcome.name, f"[{style}]{outcome.result}[/]")
+    for name in report.skipped:
+        table.add_row(name, "[dim]not for this base (guard)[/]")
+    console.print(table)
+    if report.branch_changed:
+        console.print(f"mlx-lm-repo/ is on branch {checkout.BRANCH} at {report.head[:12]}")
+        if report.backup_ref:
+            console.print(f"previous branch kept as {report.backup_ref}")
+    else:
+        console.print("mlx-lm-repo/ already up to date: nothing changed")
+    if report.installed:
+        console.print("installed mlx-lm-repo/ editable into this environment")
+    if report.provides:
+        console.print(f"server provides: {' '.join(report.provides)}")
+    return 0
+
+
+def run_patches_list(args: argparse.Namespace) -> int:
+    """patches list: the series with each patch's state at the checkout's base."""
+    base, statuses = checkout.queue_status(project.current())
+    table = Table(title=f"patch queue at {base or 'no checkout (run setup-repo)'}")
+    for column in ("patch", "guard", "provides", "state"):
+        table.add_column(column)
+    for status in statuses:
+        table.add_row(status.name, status.guard, " ".join(status.provides), status.state)
+    console.print(table)
+    return 0
+
+
+def run_patches_new(args: argparse.Namespace) -> int:
+    """patches new: new commits in the checkout become patch files."""
+    proj = project.current()
+    with project_lock(proj.state_dir, "patches new"):
+        report = checkout.new_patch(proj, args.name, args.message, args.provides)
+    _print_export(report)
+    return 0
+
+
+def run_patches_export(args: argparse.Namespace) -> int:
+    """patches export: refresh patches/ from the checkout's branch."""
+    proj = project.current()
+    with project_lock(proj.state_dir, "patches export"):
+        report = checkout.export(proj)
+    _print_export(report)
+    return 0
+
+
+def _print_export(report: checkout.patchqueue.ExportReport) -> None:
+    for name in report.written:
+        console.print(f"wrote    patches/{name}")
+    for name in report.removed:
+        console.print(f"removed  patches/{name}")
+    if not report.written and not report.removed:
+        console.print(f"patches/ already matches the branch ({len(report.unchanged)} unchanged)")
