@@ -89,7 +89,7 @@ class Series:
 
     def text(self) -> str:
         lines = [item.line() if isinstance(item, SeriesEntry) else item for item in self.items]
-        return "\n".join(lines) + "\n"
+        return "".join(f"{line}\n" for line in lines)
 
     def save(self, path: Path) -> None:
         """Write the series atomically."""

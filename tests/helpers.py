@@ -1,0 +1,102 @@
+"""Test helpers: free ports, real servers that always stop, running the CLI for real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_health(base_url: str, process: subprocess.Popen, timeout: float) -> None:
+    """Wait until GET /health answers 200; fail early if the process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with code {process.returncode} before /health")
+        try:
+            with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"server did not answer /health within {timeout:.0f}s")
+
+
+@contextmanager
+def running_server(
+    python: Path,
+    args: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    timeout: float = 180,
+) -> Iterator[tuple[str, Path]]:
+    """Start `python -m mlx_lm.server --host 127.0.0.1 --port P args...`, wait for /health,
+    yield (base URL, log path), and always stop the server (SIGTERM, then SIGKILL)."""
+    port = free_port()
+    log_path = Path(tempfile.mkstemp(prefix="mlx-server-", suffix=".log")[1])
+    command = [str(python), "-m", "mlx_lm.server", "--host", "127.0.0.1", "--port", str(port)]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [*command, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_for_health(base_url, process, timeout)
+        except RuntimeError as error:
+            raise RuntimeError(f"{error}; log:\n{log_path.read_text()[-3000:]}") from None
+        yield base_url, log_path
+    finally:
+        stop_process(process)
+
+
+def stop_process(process: subprocess.Popen, grace: float = 15) -> None:
+    """Stop a process group started with start_new_session: SIGTERM, then SIGKILL."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def run_cli(
+    args: Sequence[str],
+    home: Path,
+    env: Mapping[str, str] | None = None,
+    script: str = "mlx-local",
+    timeout: float = 900,
+) -> subprocess.CompletedProcess[str]:
+    """Run one of the project's console scripts for real, on the project at `home`."""
+    full_env = {**os.environ, "MLX_LOCAL_HOME": str(home), **(env or {})}
+    return subprocess.run(
+        [str(VENV_BIN / script), *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
