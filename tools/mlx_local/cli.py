@@ -19,9 +19,9 @@ Handler = Callable[[argparse.Namespace], int | None]
 
 def _command_groups() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Every area's `register(subparsers)`; the only place that knows which commands exist."""
-    from . import cli_models, cli_repo
+    from . import cli_models, cli_repo, cli_service
 
-    return [cli_repo.register, cli_models.register]
+    return [cli_repo.register, cli_models.register, cli_service.register]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,3 +89,7 @@ def update_upstream_main() -> None:
 def convert_model_main() -> None:
     """Entry point of `convert-model`."""
     sys.exit(run(None, "convert-model"))
+
+
+if __name__ == "__main__":  # `python -m mlx_local.cli serve` is what services run
+    main()

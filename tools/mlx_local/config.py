@@ -1,0 +1,307 @@
+"""The one settings file: committed defaults, the user's copy, validation, atomic writes.
+
+`service/config.default.toml` holds the defaults; `config.toml` at the project root is the
+user's copy (git-ignored, created from the defaults on first use). A key the user leaves out
+falls back to the default. Every top-level key maps to one option of the patched
+`mlx_lm.server` (the API key travels in the environment, not on the command line); the
+`[service]` table holds what the service itself needs (logs, timeouts). Unknown keys and bad
+values are errors that name the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import shutil
+import tempfile
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .project import Project
+
+API_KEY_ENV = "MLX_LM_API_KEY"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+KV_BITS = (2, 3, 4, 6, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+Check = Callable[[Any], str | None]
+"""Returns None when the value is allowed, else a description of what is allowed."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _int(minimum: int | None = None, maximum: int | None = None) -> Check:
+    def check(value: Any) -> str | None:
+        ok = _is_int(value)
+        ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+        if ok:
+            return None
+        if maximum is not None:
+            return f"an integer from {minimum} to {maximum}"
+        return f"an integer >= {minimum}"
+
+    return check
+
+
+def _number(minimum: float, maximum: float | None = None, *, open_min: bool = False) -> Check:
+    def check(value: Any) -> str | None:
+        ok = _is_number(value) and (value > minimum if open_min else value >= minimum)
+        ok = ok and (maximum is None or value <= maximum)
+        if ok:
+            return None
+        low = f"> {minimum}" if open_min else f">= {minimum}"
+        return f"a number {low}" + (f" and <= {maximum}" if maximum is not None else "")
+
+    return check
+
+
+def _choice(choices: tuple[Any, ...]) -> Check:
+    def check(value: Any) -> str | None:
+        if value in choices and type(value) is type(choices[0]):
+            return None
+        return "one of " + ", ".join(json.dumps(c) for c in choices)
+
+    return check
+
+
+def _text(pattern: re.Pattern[str] | None = None, what: str = "a non-empty string") -> Check:
+    def check(value: Any) -> str | None:
+        if isinstance(value, str) and value.strip() and (pattern is None or pattern.match(value)):
+            return None
+        return what
+
+    return check
+
+
+def _bool(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "true or false"
+
+
+def _table(value: Any) -> str | None:
+    if not isinstance(value, dict):
+        return "a TOML table, e.g. [chat_template_args] with enable_thinking = false"
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return "a table of strings, numbers, booleans, arrays and tables (it becomes JSON)"
+    return None
+
+
+@dataclass(frozen=True)
+class Key:
+    """One allowed key: how to check it and which server option it becomes."""
+
+    check: Check
+    flag: str | None
+    help: str
+
+
+# Top-level keys: each is one option of the patched `mlx_lm.server` (api_key*: an env variable).
+SERVER_KEYS: dict[str, Key] = {
+    "model": Key(
+        _text(), "--model", "folder under local-models/, a path, or a Hugging Face hub id"
+    ),
+    "host": Key(_text(), "--host", "address to listen on"),
+    "port": Key(_int(1, 65535), "--port", "TCP port"),
+    "served_model_name": Key(
+        _text(re.compile(r"^\S+$"), "a non-empty string without spaces"),
+        "--served-model-name",
+        "the model id clients use",
+    ),
+    "max_tokens": Key(_int(1), "--max-tokens", "default maximum tokens per response"),
+    "prompt_cache_size": Key(_int(1), "--prompt-cache-size", "KV caches kept for reuse"),
+    "kv_bits": Key(_choice(KV_BITS), "--kv-bits", "quantize the KV cache to this many bits"),
+    "kv_group_size": Key(_choice(KV_GROUP_SIZES), "--kv-group-size", "KV quantization group"),
+    "quantized_kv_start": Key(_int(0), "--quantized-kv-start", "tokens kept unquantized"),
+    "temp": Key(_number(0), "--temp", "default sampling temperature"),
+    "top_p": Key(_number(0, 1, open_min=True), "--top-p", "default nucleus sampling top-p"),
+    "top_k": Key(_int(0), "--top-k", "default top-k (0 disables it)"),
+    "min_p": Key(_number(0, 1), "--min-p", "default min-p (0 disables it)"),
+    "chat_template_args": Key(_table, "--chat-template-args", "arguments for the chat template"),
+    "chat_template": Key(_text(), "--chat-template", "a chat template instead of the model's"),
+    "use_default_chat_template": Key(_bool, "--use-default-chat-template", "tokenizer default"),
+    "trust_remote_code": Key(_bool, "--trust-remote-code", "trust the tokenizer's remote code"),
+    "adapter_path": Key(_text(), "--adapter-path", "trained adapter weights"),
+    "draft_model": Key(_text(), "--draft-model", "model for speculative decoding"),
+    "num_draft_tokens": Key(_int(1), "--num-draft-tokens", "tokens drafted per step"),
+    "decode_concurrency": Key(_int(1), "--decode-concurrency", "requests decoded in parallel"),
+    "prompt_concurrency": Key(_int(1), "--prompt-concurrency", "prompts processed in parallel"),
+    "log_level": Key(_choice(LOG_LEVELS), "--log-level", "server log level"),
+    "api_key": Key(_text(), None, f"API key clients must send (passed as ${API_KEY_ENV})"),
+    "api_key_env": Key(
+        _text(_ENV_NAME, "an environment variable name like MY_API_KEY"),
+        None,
+        "name of an environment variable that holds the API key",
+    ),
+}
+
+# The [service] table: settings of mlx-local's service itself, not of the server.
+SERVICE_KEYS: dict[str, Key] = {
+    "log_dir": Key(_text(), None, "folder for the server's logs (relative to the project)"),
+    "log_max_mb": Key(_int(1, 10_000), None, "rotate the log at this size"),
+    "log_backups": Key(_int(1, 100), None, "rotated logs kept"),
+    "start_timeout": Key(_number(0, open_min=True), None, "seconds `start` waits for /health"),
+    "stop_timeout": Key(_number(0, open_min=True), None, "seconds before SIGTERM becomes SIGKILL"),
+}
+
+REQUIRED = ("model", "host", "port", "served_model_name")
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """The [service] table, validated."""
+
+    log_dir: Path
+    log_max_mb: int
+    log_backups: int
+    start_timeout: float
+    stop_timeout: float
+
+    @property
+    def log_file(self) -> Path:
+        """The server's log (rotated to log_file.1, .2, ...)."""
+        return self.log_dir / "server.log"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration: server options and service settings."""
+
+    path: Path
+    options: dict[str, Any]
+    service: ServiceSettings
+
+    @property
+    def model(self) -> str:
+        return self.options["model"]
+
+    @property
+    def host(self) -> str:
+        return self.options["host"]
+
+    @property
+    def port(self) -> int:
+        return self.options["port"]
+
+    @property
+    def served_model_name(self) -> str:
+        return self.options["served_model_name"]
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"{path} is not valid TOML: {error}") from None
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror}") from None
+
+
+def _unknown(name: str, allowed: dict[str, Key], where: str) -> str:
+    close = difflib.get_close_matches(name.split(".")[-1], list(allowed), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {name!r}{hint}; allowed {where}: {', '.join(allowed)}"
+
+
+def _check_table(data: dict[str, Any], keys: dict[str, Key], prefix: str) -> list[str]:
+    problems = []
+    for name, value in data.items():
+        full = prefix + name
+        key = keys.get(name)
+        if key is None:
+            where = f"in [{prefix.rstrip('.')}]" if prefix else "at the top level"
+            problems.append(_unknown(full, keys, where))
+            continue
+        allowed = key.check(value)
+        if allowed is not None:
+            shown = json.dumps(value) if not isinstance(value, dict) else "a table"
+            problems.append(f"{full} = {shown} is not allowed; allowed: {allowed}")
+    return problems
+
+
+def validate(data: dict[str, Any]) -> list[str]:
+    """Every problem of a merged configuration, one line each (empty when valid)."""
+    top = {k: v for k, v in data.items() if k != "service"}
+    problems = _check_table(top, SERVER_KEYS, "")
+    service = data.get("service", {})
+    if isinstance(service, dict):
+        problems += _check_table(service, SERVICE_KEYS, "service.")
+    else:
+        problems.append("service must be a table: [service]")
+    problems += [f"{key} is missing; it is required" for key in REQUIRED if key not in data]
+    if "api_key" in data and "api_key_env" in data:
+        problems.append("api_key and api_key_env are both set; allowed: at most one of them")
+    if "kv_group_size" in data and "kv_bits" not in data:
+        problems.append("kv_group_size is set without kv_bits; allowed: set kv_bits as well")
+    return problems
+
+
+def merge(defaults: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
+    """User values over defaults; the [service] table merges key by key."""
+    merged = {**defaults, **user}
+    if isinstance(defaults.get("service"), dict) and isinstance(user.get("service"), dict):
+        merged["service"] = {**defaults["service"], **user["service"]}
+    return merged
+
+
+def ensure_user_config(project: Project) -> bool:
+    """Create config.toml from the defaults if it does not exist; True when created."""
+    if project.user_config_file.exists():
+        return False
+    write_atomic(project.user_config_file, project.default_config_file.read_text("utf-8"))
+    return True
+
+
+def load(project: Project, path: Path | None = None) -> Config:
+    """The validated configuration of `project` (its config.toml, or `path`), over defaults."""
+    defaults = _read_toml(project.default_config_file)
+    if path is None:
+        ensure_user_config(project)
+        path = project.user_config_file
+    data = merge(defaults, _read_toml(path))
+    problems = validate(data)
+    if problems:
+        lines = "\n  ".join(problems)
+        raise UserError(f"{path} has {len(problems)} problem(s):\n  {lines}")
+    service = data.get("service", {})
+    log_dir = Path(os.path.expanduser(service.get("log_dir", "logs")))
+    settings = ServiceSettings(
+        log_dir=log_dir if log_dir.is_absolute() else project.root / log_dir,
+        log_max_mb=service.get("log_max_mb", 10),
+        log_backups=service.get("log_backups", 3),
+        start_timeout=float(service.get("start_timeout", 120)),
+        stop_timeout=float(service.get("stop_timeout", 15)),
+    )
+    options = {k: v for k, v in data.items() if k != "service"}
+    return Config(path=path, options=options, service=settings)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so readers see the old or the new file, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if path.exists():
+            shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,135 @@
+"""The server's command line and environment, built from the config."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..config import API_KEY_ENV, SERVER_KEYS, Config
+from ..errors import UserError
+from ..project import Project
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+ModelKind = Literal["local", "path", "hub"]
+
+
+@dataclass(frozen=True)
+class Model:
+    """Where the configured model comes from: a local folder (`path`) or a hub id."""
+
+    spec: str
+    kind: ModelKind
+    path: Path | None = None
+
+    @property
+    def argument(self) -> str:
+        """The value of the server's --model."""
+        return str(self.path) if self.path else self.spec
+
+
+def resolve_model(spec: str, project: Project) -> Model:
+    """Resolve a config `model` value: a name under local-models/, a path, or a hub id."""
+    expanded = Path(os.path.expanduser(spec))
+    under_models = project.models_dir / spec
+    if not expanded.is_absolute() and under_models.is_dir():
+        return Model(spec, "local", under_models.resolve())
+    candidate = expanded if expanded.is_absolute() else project.root / expanded
+    if candidate.is_dir():
+        return Model(spec, "path", candidate.resolve())
+    looks_like_path = spec.startswith(("/", "./", "../", "~")) or expanded.is_absolute()
+    if not looks_like_path and HUB_ID.match(spec):
+        return Model(spec, "hub")
+    raise UserError(
+        f"model {spec!r} not found: not a folder under {project.models_dir}, not a path, "
+        "not a hub id (org/name); build one with `convert-model` or `mlx-local demo-model`"
+    )
+
+
+@dataclass(frozen=True)
+class ServerCommand:
+    """argv and the extra environment of one server run."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    model: Model | None = None
+
+    def display(self) -> str:
+        """The command line as a shell would take it, with secrets masked."""
+        prefix = [f"{name}=********" for name in sorted(self.env) if name == API_KEY_ENV]
+        return " ".join(prefix + [shlex.quote(part) for part in self.argv])
+
+
+def _option_args(options: dict, skip: set[str]) -> list[str]:
+    args: list[str] = []
+    for name, key in SERVER_KEYS.items():
+        if name in skip or key.flag is None or name not in options:
+            continue
+        value = options[name]
+        if isinstance(value, bool):
+            if value:
+                args.append(key.flag)
+        elif isinstance(value, dict):
+            args += [key.flag, json.dumps(value, separators=(",", ":"))]
+        else:
+            args += [key.flag, str(value)]
+    return args
+
+
+def api_key(config: Config, environ: dict[str, str] | None = None) -> str | None:
+    """The API key from the config (directly or through the named variable), else None."""
+    environ = os.environ if environ is None else environ
+    if "api_key" in config.options:
+        return config.options["api_key"]
+    name = config.options.get("api_key_env")
+    if name is None:
+        return None
+    if not environ.get(name):
+        raise UserError(f"api_key_env = {name!r} but the environment variable {name} is not set")
+    return environ[name]
+
+
+def build_command(
+    config: Config,
+    project: Project,
+    python: Path,
+    model: Model | None = None,
+    environ: dict[str, str] | None = None,
+) -> ServerCommand:
+    """The server command for `config` (with `model` instead of the configured one if given)."""
+    model = model or resolve_model(config.model, project)
+    argv = [str(python), "-m", "mlx_lm.server", "--model", model.argument]
+    argv += _option_args(config.options, skip={"model"})
+    key = api_key(config, environ)
+    return ServerCommand(argv=argv, env={API_KEY_ENV: key} if key else {}, model=model)
+
+
+def server_help(python: Path) -> str:
+    """`python -m mlx_lm.server --help` of the runtime (raises UserError if it cannot run)."""
+    try:
+        result = subprocess.run(
+            [str(python), "-m", "mlx_lm.server", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise UserError(f"cannot run {python} -m mlx_lm.server --help: {error}") from None
+    if result.returncode != 0:
+        raise UserError(
+            f"{python} cannot run mlx_lm.server (is the checkout installed? run setup-repo): "
+            + (result.stderr.strip().splitlines() or ["no output"])[-1]
+        )
+    return result.stdout
+
+
+def unsupported_flags(command: ServerCommand, help_text: str) -> list[str]:
+    """The options of `command` that the server's --help does not list."""
+    flags = [part for part in command.argv[3:] if part.startswith("--")]
+    known = set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
+    return [flag for flag in flags if flag not in known]

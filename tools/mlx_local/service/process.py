@@ -1,0 +1,196 @@
+"""Background server process control: pid file, liveness, health, graceful stop, port checks."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..config import write_atomic
+
+SERVER_MARKERS = ("mlx_lm.server", "mlx_local.cli serve", "mlx_local serve")
+
+
+@dataclass(frozen=True)
+class Record:
+    """What `start` knows about the background server it launched (kept next to the pid file)."""
+
+    pid: int
+    host: str
+    port: int
+    model: str
+    served_model_name: str
+    log_file: str
+    started_at: float
+
+
+class PidFile:
+    """`server.pid` (the pid) and `server.json` (the Record) in the project's state folder."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "server.pid"
+        self.record_path = state_dir / "server.json"
+
+    def write(self, record: Record) -> None:
+        write_atomic(self.record_path, json.dumps(asdict(record), indent=2) + "\n")
+        write_atomic(self.path, f"{record.pid}\n")
+
+    def read(self) -> Record | None:
+        """The record, or None when there is no pid file (a broken one counts as none)."""
+        try:
+            pid = int(self.path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            data = json.loads(self.record_path.read_text())
+            return Record(**{**data, "pid": pid})
+        except (FileNotFoundError, ValueError, TypeError):
+            return Record(pid, "", 0, "", "", "", 0.0)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.record_path.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    """What `ps` says about a live process."""
+
+    pid: int
+    rss_bytes: int
+    uptime_seconds: int
+    command: str
+
+
+def _parse_etime(text: str) -> int:
+    """Seconds of a `ps` etime value: [[dd-]hh:]mm:ss."""
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    hours, minutes, seconds = parts
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def process_info(pid: int) -> ProcInfo | None:
+    """RSS, uptime and command line of `pid`, or None if it is gone (zombies count as gone)."""
+    try:
+        out = subprocess.run(
+            ["ps", "-o", "stat=,rss=,etime=,command=", "-p", str(pid)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    fields = out.split(None, 3)
+    if len(fields) < 4 or fields[0].startswith("Z"):
+        return None
+    return ProcInfo(pid, int(fields[1]) * 1024, _parse_etime(fields[2]), fields[3])
+
+
+def is_server(info: ProcInfo | None) -> bool:
+    """Whether `info` is a server we started (guards against a reused pid)."""
+    return info is not None and any(marker in info.command for marker in SERVER_MARKERS)
+
+
+def client_host(host: str) -> str:
+    """The address a local client uses to reach a server listening on `host`."""
+    if host in ("0.0.0.0", "", "*"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def base_url(host: str, port: int) -> str:
+    """http://host:port of a server listening on `host`."""
+    target = client_host(host)
+    return f"http://[{target}]:{port}" if ":" in target else f"http://{target}:{port}"
+
+
+def healthy(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether GET /health answers 200."""
+    try:
+        with urllib.request.urlopen(f"{base_url(host, port)}/health", timeout=timeout) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def wait_healthy(
+    host: str, port: int, timeout: float, alive: Callable[[], bool], poll: float = 0.5
+) -> bool:
+    """Poll /health until it answers (True) or the process dies or `timeout` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if healthy(host, port):
+            return True
+        if not alive():
+            return False
+        time.sleep(poll)
+    return healthy(host, port)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether binding `host:port` fails because something already listens there."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
+
+
+def spawn(argv: list[str], env: dict[str, str], cwd: Path, output: Path) -> subprocess.Popen:
+    """Start `argv` detached (own session, stdin closed, output appended to `output`)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "ab") as out:
+        return subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+
+
+def _alive(pid: int) -> bool:
+    return process_info(pid) is not None
+
+
+def terminate(pid: int, timeout: float, poll: float = 0.1) -> str:
+    """Stop `pid` gracefully: SIGTERM, then SIGKILL (its whole group) after `timeout` seconds.
+
+    Returns "terminated", "killed" or "gone" (it had already exited).
+    """
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return "gone"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return "terminated"
+        time.sleep(poll)
+    for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            kill()
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(poll)
+    return "killed"

@@ -1,0 +1,56 @@
+"""What an installed service runs, shared by the launchd plist and the systemd unit."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config
+from ..project import PYTHON_ENV, ROOT_ENV, Project
+
+# Variables passed on to the service when they are set where `install-service` runs.
+PASSED_ON = ("HF_HOME", "HF_HUB_CACHE", "HF_ENDPOINT", "HF_HUB_OFFLINE", PYTHON_ENV)
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """Program, folders and environment of the installed service, all absolute."""
+
+    program: list[str]
+    working_dir: Path
+    environment: dict[str, str]
+    output_log: Path
+    stop_timeout: float
+
+
+def cli_python() -> Path:
+    """The venv's python, absolute but not resolved (resolving would leave the venv)."""
+    return Path(os.path.abspath(sys.executable))
+
+
+def service_spec(
+    project: Project,
+    config: Config,
+    python: Path | None = None,
+    environ: dict[str, str] | None = None,
+) -> ServiceSpec:
+    """The service for `project`: `<venv python> -m mlx_local.cli serve --log` in its root."""
+    environ = os.environ if environ is None else environ
+    python = python or cli_python()
+    root = project.root.absolute()
+    environment = {
+        ROOT_ENV: str(root),
+        "PATH": f"{python.parent}:{SYSTEM_PATH}",
+        "PYTHONUNBUFFERED": "1",
+    }
+    environment.update({name: environ[name] for name in PASSED_ON if environ.get(name)})
+    return ServiceSpec(
+        program=[str(python), "-m", "mlx_local.cli", "serve", "--log"],
+        working_dir=root,
+        environment=environment,
+        output_log=config.service.log_dir.absolute() / "service.log",
+        stop_timeout=config.service.stop_timeout,
+    )
