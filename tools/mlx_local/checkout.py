@@ -131,11 +131,20 @@ def fetch_release(repo: Path, remote: upstream.Remote, tag: str) -> None:
         raise UserError(f"upstream ({remote.source}) has no release {tag}{hint}")
 
 
+def remote_tags(location: str) -> dict[str, str]:
+    """Tag name -> commit id of every tag a remote has (annotated tags peeled)."""
+    result = gitutil.git(Path.cwd(), "ls-remote", "--tags", location, check=False, timeout=60)
+    found: dict[str, str] = {}
+    for sha, ref in re.findall(r"^(\S+)\s+refs/tags/(\S+)$", result.stdout, flags=re.M):
+        name = ref.removesuffix("^{}")
+        if ref.endswith("^{}") or name not in found:
+            found[name] = sha
+    return found
+
+
 def remote_release_tags(location: str) -> list[str]:
     """Release tags a remote has, oldest first."""
-    result = gitutil.git(Path.cwd(), "ls-remote", "--tags", location, check=False, timeout=60)
-    names = re.findall(r"refs/tags/(\S+?)(?:\^\{\})?$", result.stdout, flags=re.M)
-    return upstream.release_tags(sorted(set(names)))
+    return upstream.release_tags(list(remote_tags(location)))
 
 
 def build_patched(
@@ -169,20 +178,24 @@ def remove_worktree(repo: Path, worktree: Path) -> None:
     gitutil.git(repo, "worktree", "prune", check=False)
 
 
-def move_branch(repo: Path, head: str, label: str) -> tuple[bool, str | None]:
+def move_branch(repo: Path, head: str, label: str, backup: bool = True) -> tuple[bool, str | None]:
     """Point the checkout's branch at `head` and check it out, keeping a backup ref of what
-    the branch was. Returns (changed, backup ref)."""
+    the branch was (unless the caller keeps one). Returns (changed, backup ref)."""
     old = gitutil.rev(repo, f"refs/heads/{BRANCH}")
     current = gitutil.out(repo, "symbolic-ref", "--quiet", "--short", "HEAD", check=False)
     if old == head and current == BRANCH:
         return False, None
-    backup = None
-    if old and old != head:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-        backup = f"{BACKUP_PREFIX}/{label}-{stamp}"
-        gitutil.git(repo, "update-ref", backup, old)
+    backup_ref = None
+    if backup and old and old != head:
+        backup_ref = backup_ref_name(label)
+        gitutil.git(repo, "update-ref", backup_ref, old)
     gitutil.git(repo, "checkout", "--quiet", "-B", BRANCH, head)
-    return True, backup
+    return True, backup_ref
+
+
+def backup_ref_name(label: str) -> str:
+    """A new, unique backup ref name for `label` (setup, update...)."""
+    return f"{BACKUP_PREFIX}/{label}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}"
 
 
 # ---- installing and verifying ----------------------------------------------------------------

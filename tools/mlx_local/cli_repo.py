@@ -7,13 +7,20 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from . import checkout, project
+from . import checkout, project, update
 from .locking import project_lock
 from .upstream import SOURCES
 
 console = Console()
 
-OUTCOME_STYLE = {"clean": "green", "three-way": "yellow", "empty": "cyan", "conflict": "red"}
+OUTCOME_STYLE = {
+    "clean": "green",
+    "three-way": "yellow",
+    "resolved": "yellow",
+    "empty": "cyan",
+    "absorbed": "cyan",
+    "conflict": "red",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +44,30 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="mlx build to install (auto: metal on Apple silicon, cpu elsewhere)",
     )
     setup.set_defaults(handler=run_setup_repo)
+
+    upd = sub.add_parser(
+        "update-upstream",
+        help="move the patch queue onto a newer mlx-lm release",
+        description="Rebase the patch queue onto a newer release in mlx-lm-repo-update/, "
+        "guard what upstream absorbed, refresh patches/, move the pin, reinstall, verify.",
+    )
+    upd.add_argument("--to", metavar="TAG", help="release to move to (default: the newest)")
+    upd.add_argument(
+        "--dry-run", action="store_true", help="report what would happen, change nothing"
+    )
+    upd.add_argument("--pre", action="store_true", help="consider pre-releases for the newest")
+    upd.add_argument("--source", choices=SOURCES, default="auto", help="where upstream comes from")
+    upd.add_argument("--upstream", metavar="URL", help="git URL or path instead of upstream's")
+    upd.add_argument("--no-install", action="store_true", help="do not reinstall the checkout")
+    modes = upd.add_mutually_exclusive_group()
+    modes.add_argument(
+        "--continue",
+        dest="resume",
+        action="store_true",
+        help="go on after fixing a conflict in mlx-lm-repo-update/",
+    )
+    modes.add_argument("--abort", action="store_true", help="undo the update in progress")
+    upd.set_defaults(handler=run_update_upstream)
 
     patches = sub.add_parser("patches", help="inspect and edit the patch queue")
     actions = patches.add_subparsers(dest="patches_command", metavar="ACTION", required=True)
@@ -133,3 +164,72 @@ def _print_export(report: checkout.patchqueue.ExportReport) -> None:
         console.print(f"removed  patches/{name}")
     if not report.written and not report.removed:
         console.print(f"patches/ already matches the branch ({len(report.unchanged)} unchanged)")
+
+
+def run_update_upstream(args: argparse.Namespace) -> int:
+    """update-upstream: start, continue or abort an update of the queue's base."""
+    proj = project.current()
+    with project_lock(proj.state_dir, "update-upstream"):
+        if args.abort:
+            state = update.abort_update(proj)
+            console.print(
+                f"update to {state.new_base} aborted: mlx-lm-repo/ and patches/ are back at "
+                f"{state.old_base}"
+            )
+            return 0
+        if args.resume:
+            report = update.continue_update(proj)
+        else:
+            report = update.start(
+                proj,
+                to=args.to,
+                dry_run=args.dry_run,
+                include_pre=args.pre,
+                source=args.source,
+                upstream_url=args.upstream,
+                install=not args.no_install,
+            )
+    _print_update(report)
+    return 1 if report.status == "conflict" else 0
+
+
+def _print_update(report: update.UpdateReport) -> None:
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if report.status == "up-to-date":
+        console.print(f"already on the newest release {report.new_base}: nothing to do")
+        return
+    title = f"{report.old_base} → {report.new_base}"
+    if report.status == "dry-run":
+        title += " (dry run: nothing changed)"
+    table = Table(title=title)
+    for column in ("patch", "outcome", "detail"):
+        table.add_column(column)
+    for result in report.results:
+        style = OUTCOME_STYLE.get(result.outcome, "dim")
+        detail = result.detail or ", ".join(result.files)
+        table.add_row(result.name, f"[{style}]{result.outcome}[/]", detail)
+    console.print(table)
+    if report.conflict_hunks:
+        console.print(report.conflict_hunks, markup=False, highlight=False)
+    if report.status == "conflict":
+        conflict = report.results[-1]
+        console.print(
+            f"[red]conflict:[/] {conflict.name} does not apply on {report.new_base} "
+            f"({', '.join(conflict.files)}).\n"
+            f"Fix the files in {report.worktree}, `git add` them, then run "
+            "`update-upstream --continue`; or `update-upstream --abort` to go back.\n"
+            "mlx-lm-repo/, patches/ and the installed server are unchanged until then.",
+            highlight=False,
+        )
+    if report.status == "updated":
+        if report.server_changes:
+            console.print("upstream changes to mlx_lm/server.py:", report.server_changes)
+        if report.range_diff:
+            console.print("patches before → after (git range-diff):")
+            for line in report.range_diff:
+                console.print(f"  {line}", markup=False, highlight=False)
+        console.print(
+            f"mlx-lm-repo/ is on {report.new_base}; patches/ refreshed and the pin moved. "
+            f"Previous branch kept as {report.backup_ref}."
+        )

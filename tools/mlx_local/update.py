@@ -1,0 +1,451 @@
+"""update-upstream: move the patch queue onto a newer mlx-lm release without losing work.
+
+The rebase happens in a separate worktree (mlx-lm-repo-update/), so mlx-lm-repo/, its branch,
+the installed server and patches/ stay untouched and usable until the update completes. A state
+file records progress after every step, so an interruption is resolved by --continue or --abort.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from . import checkout, gitutil, patchqueue, upstream
+from .errors import UserError
+from .project import Project, runtime_python
+
+STATE_FILE = "update.json"
+
+
+@dataclass
+class PatchResult:
+    """One patch's outcome in an update."""
+
+    name: str
+    outcome: str  # clean / three-way / absorbed / conflict / not for this base
+    detail: str = ""
+    files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class UpdateState:
+    """Everything needed to continue or abort an update; saved after every step."""
+
+    old_base: str
+    new_base: str
+    old_head: str
+    backup_ref: str
+    worktree: str
+    todo: list[str]
+    fetched_tag: bool = False
+    install: bool = True
+    results: list[PatchResult] = field(default_factory=list)
+    stage: str = "applying"  # applying / finishing
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        patchqueue.write_atomic(path, json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> UpdateState | None:
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        data["results"] = [PatchResult(**r) for r in data["results"]]
+        return cls(**data)
+
+
+@dataclass
+class UpdateReport:
+    """What update-upstream did or would do."""
+
+    old_base: str
+    new_base: str
+    results: list[PatchResult]
+    status: str  # updated / up-to-date / conflict / dry-run
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+    range_diff: list[str] = field(default_factory=list)
+    server_changes: str = ""
+    conflict_hunks: str = ""
+    worktree: str = ""
+    backup_ref: str = ""
+
+
+def update_worktree(project: Project) -> Path:
+    """Where an update's rebase happens: beside mlx-lm-repo/, so the checkout stays usable."""
+    return project.root / "mlx-lm-repo-update"
+
+
+def state_path(project: Project) -> Path:
+    return project.state_dir / STATE_FILE
+
+
+def snapshot_dir(project: Project) -> Path:
+    """A copy of patches/ taken when the update started, restored by --abort."""
+    return project.state_dir / "update-patches-backup"
+
+
+# ---- choosing the target ---------------------------------------------------------------------
+
+
+def choose_target(remote: upstream.Remote, current: str, to: str | None, include_pre: bool) -> str:
+    """The release to move to: `to` if the upstream has it, else the newest release."""
+    available = list(checkout.remote_tags(remote.location))
+    if to is not None:
+        if upstream.tag_version(to) is None:
+            raise UserError(f"--to {to!r} is not a release tag like v0.31.3")
+        if to not in available:
+            recent = ", ".join(upstream.release_tags(available)[-5:])
+            raise UserError(f"upstream ({remote.source}) has no release {to}; recent: {recent}")
+        target = to
+    else:
+        releases = upstream.release_tags(available, include_pre)
+        if not releases:
+            raise UserError(f"upstream ({remote.source}) lists no releases")
+        target = releases[-1]
+    if upstream.tag_version(target) < upstream.tag_version(current):
+        raise UserError(
+            f"{target} is older than the current base {current}; "
+            f"use `setup-repo --ref {target}` to build an older release"
+        )
+    return target
+
+
+# ---- absorption ------------------------------------------------------------------------------
+
+
+def provided_upstream(repo: Path, rev: str, provides: tuple[str, ...]) -> bool:
+    """Whether the unpatched server at `rev` already defines every option in `provides`."""
+    if not provides:
+        return False
+    source = gitutil.git(repo, "show", f"{rev}:mlx_lm/server.py", check=False).stdout
+    return all(re.search(rf"""["']{re.escape(option)}["']""", source) for option in provides)
+
+
+def guard_below(guard: SpecifierSet | None, version: Version) -> SpecifierSet:
+    """`guard` narrowed so it stops admitting `version` and later releases."""
+    extra = SpecifierSet(f"<{version}")
+    return extra if guard is None else guard & extra
+
+
+def add_applied_upstream(patch: Path, tag: str) -> None:
+    """Add `Applied-Upstream: tag` to the trailers of a patch file's commit message."""
+    text = patch.read_text()
+    if f"Applied-Upstream: {tag}" in text:
+        return
+    head, sep, rest = text.partition("\n---\n")
+    patchqueue.write_atomic(patch, f"{head.rstrip()}\nApplied-Upstream: {tag}\n{sep}{rest}")
+
+
+# ---- the steps -------------------------------------------------------------------------------
+
+
+def apply_remaining(
+    project: Project, state: UpdateState, worktree: Path, new_version: Version, save: bool
+) -> PatchResult | None:
+    """Apply the patches still to do; returns the conflicting patch's result, if any."""
+    series = patchqueue.Series.load(project.series_file)
+    while state.todo:
+        name = state.todo[0]
+        entry = series.find(name)
+        info = patchqueue.read_patch(project.patches_dir / name)
+        if entry is not None and not entry.admits(new_version):
+            result = PatchResult(name, "not for this base", f"guard {entry.guard}")
+        elif provided_upstream(worktree, state.new_base, info.provides):
+            result = PatchResult(name, "absorbed", f"upstream provides {' '.join(info.provides)}")
+        else:
+            outcome = patchqueue.apply_patch(
+                worktree, project.patches_dir / name, allow_empty_drop=True
+            )
+            if outcome.result == "conflict":
+                result = PatchResult(name, "conflict", "", outcome.files)
+                state.results.append(result)
+                if save:
+                    state.save(state_path(project))
+                return result
+            result = PatchResult(name, "absorbed" if outcome.result == "empty" else outcome.result)
+            if outcome.result == "empty":
+                result.detail = "empty on the new base"
+        state.results.append(result)
+        state.todo.pop(0)
+        if save:
+            state.save(state_path(project))
+    return None
+
+
+def start(
+    project: Project,
+    to: str | None = None,
+    dry_run: bool = False,
+    include_pre: bool = False,
+    source: str = "auto",
+    upstream_url: str | None = None,
+    install: bool = True,
+) -> UpdateReport:
+    """Begin an update (or a dry run of one) to `to` or the newest release."""
+    if UpdateState.load(state_path(project)):
+        raise UserError(
+            "an update is already in progress; finish it with `update-upstream --continue` "
+            "or undo it with `update-upstream --abort`"
+        )
+    repo, old_base = checkout.require_checkout(project)
+    checkout.refuse_dirty(repo)
+    refuse_unexported(project, repo, old_base)
+    settings = upstream.UpstreamSettings.load(project.upstream_file)
+    remote = upstream.resolve_remote(
+        settings, project.cache_dir, source, upstream_url, wanted=[to] if to else [], refresh=True
+    )
+    target = choose_target(remote, old_base, to, include_pre)
+    old_head = gitutil.rev(repo, f"refs/heads/{checkout.BRANCH}")
+    if target == old_base:
+        return UpdateReport(old_base, target, [], "up-to-date", remote.source, remote.notes)
+    old_version, new_version = upstream.tag_version(old_base), upstream.tag_version(target)
+    series = patchqueue.Series.load(project.series_file)
+    todo = [e.name for e in series.entries if e.admits(old_version) or e.admits(new_version)]
+    had_tag = gitutil.rev(repo, f"refs/tags/{target}") is not None
+    target_commit = fetch_target(repo, remote, target, dry_run)
+    if dry_run:
+        return dry_run_update(project, repo, old_base, target, target_commit, todo, remote)
+    backup = checkout.backup_ref_name("update")
+    gitutil.git(repo, "update-ref", backup, old_head)
+    snapshot = snapshot_dir(project)
+    shutil.rmtree(snapshot, ignore_errors=True)
+    shutil.copytree(project.patches_dir, snapshot)
+    worktree = update_worktree(project)
+    state = UpdateState(
+        old_base, target, old_head, backup, str(worktree), todo, not had_tag, install
+    )
+    state.save(state_path(project))
+    checkout.remove_worktree(repo, worktree)
+    gitutil.git(repo, "worktree", "add", "--quiet", "--detach", str(worktree), target)
+    report = proceed(project, state)
+    report.source, report.notes = remote.source, list(remote.notes)
+    return report
+
+
+def refuse_unexported(project: Project, repo: Path, base: str) -> None:
+    """Refuse when the branch has commits that patches/ does not hold yet."""
+    series = patchqueue.Series.load(project.series_file)
+    version = upstream.tag_version(base)
+    queued = {
+        patchqueue.read_patch(project.patches_dir / e.name).subject for e in series.active(version)
+    }
+    log = gitutil.out(repo, "log", "--format=%s", f"{base}..refs/heads/{checkout.BRANCH}")
+    extra = [s for s in log.splitlines() if s not in queued]
+    if extra:
+        raise UserError(
+            f"mlx-lm-repo/ has commits that are not in patches/ ({extra[0]!r}); keep them with "
+            "`mlx-local patches export` (or `patches new NAME`) first"
+        )
+
+
+def fetch_target(repo: Path, remote: upstream.Remote, tag: str, dry_run: bool) -> str:
+    """The commit of release `tag`; a dry run fetches its objects without creating any ref."""
+    if existing := gitutil.rev(repo, f"refs/tags/{tag}"):
+        return existing
+    if not dry_run:
+        checkout.fetch_release(repo, remote, tag)
+        return gitutil.rev(repo, f"refs/tags/{tag}")
+    commit = checkout.remote_tags(remote.location).get(tag)
+    if commit is None:
+        raise UserError(f"upstream ({remote.source}) has no release {tag}")
+    gitutil.git(
+        repo,
+        "fetch",
+        "--quiet",
+        "--no-tags",
+        "--no-write-fetch-head",
+        remote.location,
+        f"refs/tags/{tag}",
+        timeout=600,
+    )
+    return commit
+
+
+def dry_run_update(
+    project: Project,
+    repo: Path,
+    old_base: str,
+    target: str,
+    target_commit: str,
+    todo: list[str],
+    remote: upstream.Remote,
+) -> UpdateReport:
+    """Rebase in a throwaway worktree and report; nothing the user has is changed."""
+    worktree = Path(tempfile.mkdtemp(prefix="update-dry-run-")) / "worktree"
+    state = UpdateState(old_base, target, "", "", str(worktree), list(todo))
+    try:
+        gitutil.git(repo, "worktree", "add", "--quiet", "--detach", str(worktree), target_commit)
+        state.new_base = target_commit
+        conflict = apply_remaining(project, state, worktree, upstream.tag_version(target), False)
+        hunks = patchqueue.conflict_hunks(worktree) if conflict else ""
+        if conflict:
+            gitutil.git(worktree, "am", "--abort", check=False)
+        for name in state.todo[1:] if conflict else []:
+            state.results.append(PatchResult(name, "not tried", "after the conflict"))
+    finally:
+        checkout.remove_worktree(repo, worktree)
+        shutil.rmtree(worktree.parent, ignore_errors=True)
+    return UpdateReport(
+        old_base,
+        target,
+        state.results,
+        "dry-run",
+        remote.source,
+        list(remote.notes),
+        conflict_hunks=hunks,
+    )
+
+
+def proceed(project: Project, state: UpdateState) -> UpdateReport:
+    """Apply what is left and, when nothing conflicts, finish the update."""
+    worktree = Path(state.worktree)
+    if state.stage == "applying":
+        conflict = apply_remaining(
+            project, state, worktree, upstream.tag_version(state.new_base), True
+        )
+        if conflict:
+            return UpdateReport(
+                state.old_base,
+                state.new_base,
+                state.results,
+                "conflict",
+                conflict_hunks=patchqueue.conflict_hunks(worktree),
+                worktree=str(worktree),
+                backup_ref=state.backup_ref,
+            )
+        state.stage = "finishing"
+        state.save(state_path(project))
+    return finish(project, state)
+
+
+def finish(project: Project, state: UpdateState) -> UpdateReport:
+    """Guard absorbed patches, move the branch, refresh patches/, move the pin, reinstall,
+    verify. Every step can be repeated, so an interrupted finish is resumed by --continue."""
+    repo = project.checkout_dir
+    worktree = Path(state.worktree)
+    new_version = upstream.tag_version(state.new_base)
+    new_head = gitutil.out(worktree, "rev-parse", "HEAD")
+    series = patchqueue.Series.load(project.series_file)
+    for result in state.results:
+        entry = series.find(result.name)
+        if result.outcome == "absorbed" and entry is not None and entry.admits(new_version):
+            entry.guard = guard_below(entry.guard, new_version)
+            add_applied_upstream(project.patches_dir / result.name, state.new_base)
+    series.save(project.series_file)
+    checkout.remove_worktree(repo, worktree)
+    checkout.move_branch(repo, new_head, "update", backup=False)
+    gitutil.git(repo, "config", checkout.BASE_KEY, state.new_base)
+    patchqueue.export_queue(
+        repo, state.new_base, f"refs/heads/{checkout.BRANCH}", project.patches_dir, new_version
+    )
+    upstream.write_pin(project.upstream_file, state.new_base)
+    if state.install:
+        python = runtime_python()
+        checkout.install_editable(python, repo, "auto")
+        series = patchqueue.Series.load(project.series_file)
+        queued = [e for e in series.entries if e.name in {r.name for r in state.results}]
+        checkout.verify_server_options(
+            python, checkout.provided_options(project.patches_dir, queued)
+        )
+    report = UpdateReport(
+        state.old_base,
+        state.new_base,
+        state.results,
+        "updated",
+        range_diff=range_diff_summary(repo, state),
+        server_changes=gitutil.out(
+            repo, "diff", "--stat", state.old_base, state.new_base, "--", "mlx_lm/server.py"
+        ),
+        backup_ref=state.backup_ref,
+    )
+    state_path(project).unlink(missing_ok=True)
+    shutil.rmtree(snapshot_dir(project), ignore_errors=True)
+    return report
+
+
+def range_diff_summary(repo: Path, state: UpdateState) -> list[str]:
+    """One line per patch: how it changed between the old and the new base."""
+    text = gitutil.out(
+        repo,
+        "range-diff",
+        "--no-color",
+        "--no-patch",
+        f"{state.old_base}..{state.old_head}",
+        f"{state.new_base}..refs/heads/{checkout.BRANCH}",
+        check=False,
+    )
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def continue_update(project: Project) -> UpdateReport:
+    """Go on after the user fixed a conflict in the update worktree."""
+    state = UpdateState.load(state_path(project))
+    if state is None:
+        raise UserError("no update is in progress; start one with `update-upstream`")
+    worktree = Path(state.worktree)
+    if state.stage == "applying" and patchqueue.am_in_progress(worktree):
+        unmerged = gitutil.out(worktree, "diff", "--name-only", "--diff-filter=U")
+        if unmerged:
+            raise UserError(
+                f"conflicts remain in {worktree} ({', '.join(unmerged.splitlines())}); fix them, "
+                "`git add` the files, then rerun `update-upstream --continue`"
+            )
+        name = state.todo[0]
+        before = gitutil.rev(worktree, "HEAD")
+        result = gitutil.git(worktree, "am", "--continue", env=patchqueue.COMMITTER, check=False)
+        if result.returncode != 0 and "No changes" in result.stdout + result.stderr:
+            gitutil.git(worktree, "am", "--skip")
+        elif result.returncode != 0:
+            raise UserError(f"git am --continue failed in {worktree}: {result.stderr.strip()}")
+        moved = gitutil.rev(worktree, "HEAD") != before
+        state.results = [r for r in state.results if r.name != name]
+        outcome = "resolved" if moved else "absorbed"
+        state.results.append(PatchResult(name, outcome, "fixed by hand"))
+        state.todo.pop(0)
+        state.save(state_path(project))
+    return proceed(project, state)
+
+
+def abort_update(project: Project) -> UpdateState:
+    """Undo an update in progress: mlx-lm-repo/ and patches/ back to how they were."""
+    state = UpdateState.load(state_path(project))
+    if state is None:
+        raise UserError("no update is in progress; nothing to abort")
+    repo = project.checkout_dir
+    worktree = Path(state.worktree)
+    if worktree.exists() and patchqueue.am_in_progress(worktree):
+        gitutil.git(worktree, "am", "--abort", check=False)
+    checkout.remove_worktree(repo, worktree)
+    snapshot = snapshot_dir(project)
+    if snapshot.is_dir():
+        restore_tree(snapshot, project.patches_dir)
+    if gitutil.rev(repo, f"refs/heads/{checkout.BRANCH}") != state.old_head:
+        checkout.move_branch(repo, state.old_head, "aborted-update")
+    gitutil.git(repo, "config", checkout.BASE_KEY, state.old_base)
+    gitutil.git(repo, "update-ref", "-d", state.backup_ref, check=False)
+    if state.fetched_tag:
+        gitutil.git(repo, "tag", "-d", state.new_base, check=False)
+    state_path(project).unlink(missing_ok=True)
+    shutil.rmtree(snapshot, ignore_errors=True)
+    return state
+
+
+def restore_tree(source: Path, dest: Path) -> None:
+    """Make `dest` hold exactly the files of `source`, byte for byte."""
+    for path in dest.iterdir():
+        if not (source / path.name).exists() and path.is_file():
+            path.unlink()
+    for path in source.iterdir():
+        if path.is_file():
+            target = dest / path.name
+            if not target.is_file() or target.read_bytes() != path.read_bytes():
+                shutil.copy2(path, target)
