@@ -112,7 +112,8 @@ def _config_init(args: argparse.Namespace) -> int:
     proj = project.current()
     if proj.user_config_file.exists() and not args.force:
         raise UserError(f"{proj.user_config_file} already exists; use --force to reset it")
-    config_mod.write_atomic(proj.user_config_file, proj.default_config_file.read_text("utf-8"))
+    defaults = config_mod.defaults_file(proj).read_text("utf-8")
+    config_mod.write_atomic(proj.user_config_file, defaults)
     console.print(f"wrote {proj.user_config_file}", highlight=False)
     return 0
 

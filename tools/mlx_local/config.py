@@ -258,17 +258,24 @@ def merge(defaults: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def defaults_file(project: Project) -> Path:
+    """The project's committed defaults, else those of this source tree (for bare test roots)."""
+    if project.default_config_file.is_file():
+        return project.default_config_file
+    return Path(__file__).resolve().parents[2] / "service" / "config.default.toml"
+
+
 def ensure_user_config(project: Project) -> bool:
     """Create config.toml from the defaults if it does not exist; True when created."""
     if project.user_config_file.exists():
         return False
-    write_atomic(project.user_config_file, project.default_config_file.read_text("utf-8"))
+    write_atomic(project.user_config_file, defaults_file(project).read_text("utf-8"))
     return True
 
 
 def load(project: Project, path: Path | None = None) -> Config:
     """The validated configuration of `project` (its config.toml, or `path`), over defaults."""
-    defaults = _read_toml(project.default_config_file)
+    defaults = _read_toml(defaults_file(project))
     if path is None:
         ensure_user_config(project)
         path = project.user_config_file
