@@ -305,7 +305,7 @@ def _install(args: argparse.Namespace) -> int:
     proj, cfg = _load()
     if args.dry_run:
         path = install.service_file(args.kind, args.dest)
-        console.print(f"# would write {path}", highlight=False)
+        err_console.print(f"# would write {path}:", highlight=False, soft_wrap=True)
         sys.stdout.write(install.render(args.kind, proj, cfg).decode())
         return 0
     if not args.write_only and args.kind == install.native_kind():

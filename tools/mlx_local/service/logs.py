@@ -7,6 +7,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 CHUNK = 65536
 
@@ -66,17 +67,20 @@ def tail(path: Path, lines: int) -> list[str]:
 
 
 def follow(path: Path, poll: float = 0.5) -> Iterator[str]:
-    """Yield lines appended to `path` from now on, forever, across rotations."""
+    """Lines appended to `path` from this call on, forever, across rotations."""
     handle = None
-    inode = None
-    first = True
+    if path.exists():
+        handle = path.open("r", encoding="utf-8", errors="replace")
+        handle.seek(0, os.SEEK_END)
+    return _follow(path, handle, poll)
+
+
+def _follow(path: Path, handle: TextIO | None, poll: float) -> Iterator[str]:
+    inode = os.fstat(handle.fileno()).st_ino if handle else None
     while True:
         if handle is None and path.exists():
             handle = path.open("r", encoding="utf-8", errors="replace")
             inode = os.fstat(handle.fileno()).st_ino
-            if first:
-                handle.seek(0, os.SEEK_END)
-        first = False
         if handle is not None:
             line = handle.readline()
             if line:
