@@ -168,7 +168,11 @@ def _list(args: argparse.Namespace) -> int:
         return 0
     table = Table(title="local-models/")
     for column in ("name", "quantization", "size", "params", "context", "source", "verified"):
-        table.add_column(column, justify="right" if column in ("size", "params") else "left")
+        table.add_column(
+            column,
+            justify="right" if column in ("size", "params") else "left",
+            no_wrap=column in ("name", "size"),
+        )
     for row in rows:
         verified = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[row["verified"]]
         table.add_row(
