@@ -97,11 +97,12 @@ def plan(
                     f"model {model.spec!r} is not in the local Hugging Face cache and the hub "
                     "cannot be reached; convert a local model or pass --fallback-demo"
                 )
-            model = demo_model(project)
+            demo = demo_model(project)
             warnings.append(
                 f"the hub is unreachable and {model.spec!r} is not cached: serving the demo "
-                f"model {model.path} instead (it talks gibberish)"
+                f"model {demo.path} instead (it talks gibberish)"
             )
+            model = demo
     return Plan(build_command(config, project, python, model), warnings)
 
 
