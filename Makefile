@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint venv
+.PHONY: run test lint venv system-deps
 
 venv: $(STAMP)
 
@@ -17,9 +17,10 @@ run: $(STAMP)
 	$(BIN)/setup-repo
 	$(BIN)/mlx-local serve --fallback-demo
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest
 
-lint: $(STAMP)
-	$(BIN)/ruff check tools tests
-	$(BIN)/ruff format --check tools tests
+# Tools the tests use to validate what Linux cannot run (plists) and the systemd unit;
+# installed with a guarded apt-get where possible.
+system-deps:
+	@bash .ci/install-test-tools
