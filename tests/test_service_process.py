@@ -213,6 +213,12 @@ def test_serve_fallback_demo_prints_a_working_curl_line(
         reply = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=120)
         body = json.loads(reply.stdout)
         assert body["model"] == "mlx-local" and body["choices"][0]["message"]["role"]
+        # `start` and `stop` see the terminal's server and say what to do.
+        start = proj.cli("start")
+        assert start.returncode == 1 and "already answers at" in start.stderr
+        stop = proj.cli("stop")
+        assert stop.returncode == 0 and "stop it there with Ctrl-C" in stop.stdout
+        assert proj.status()["manager"] == "foreground"
     finally:
         server.send_signal(signal.SIGTERM)  # exec: the pid we started is the server itself
         server.wait(timeout=30)

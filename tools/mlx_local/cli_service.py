@@ -184,11 +184,7 @@ def _serve(args: argparse.Namespace) -> int:
     plan = serve.plan(proj, cfg, python, args.model, args.fallback_demo)
     for warning in plan.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-    if process.port_in_use(cfg.host, cfg.port):
-        raise UserError(
-            f"port {cfg.port} on {cfg.host} is already in use by another program; "
-            f"stop it or set another port in {cfg.path}"
-        )
+    control.check_port(cfg)
     err_console.print(f"starting: {plan.command.display()}", highlight=False, soft_wrap=True)
     log = None
     if args.log:
@@ -232,7 +228,14 @@ def _render_stop(outcome: control.Outcome) -> None:
 
 def _stop(args: argparse.Namespace) -> int:
     proj, cfg = _load()
-    _render_stop(control.stop(proj, cfg))
+    outcome = control.stop(proj, cfg)
+    _render_stop(outcome)
+    if outcome.action == "not-running" and process.healthy(cfg.host, cfg.port):
+        url = process.base_url(cfg.host, cfg.port)
+        console.print(
+            f"note: a server started in a terminal answers at {url}; stop it there with Ctrl-C",
+            highlight=False,
+        )
     return 0
 
 

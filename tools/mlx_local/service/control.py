@@ -36,7 +36,14 @@ def _failure(message: str, config: Config) -> UserError:
     return UserError(f"{message}; last lines of {config.service.log_file}:\n{shown}")
 
 
-def _check_port(config: Config) -> None:
+def check_port(config: Config) -> None:
+    """Fail with one line when something already listens on the configured port."""
+    if process.healthy(config.host, config.port):
+        raise UserError(
+            f"a server not started by `mlx-local start` already answers at "
+            f"{process.base_url(config.host, config.port)} (a terminal running `make run` or "
+            "`mlx-local serve`?); stop it with Ctrl-C there, or set another port"
+        )
     if process.port_in_use(config.host, config.port):
         raise UserError(
             f"port {config.port} on {config.host} is already in use by another program; "
@@ -70,7 +77,7 @@ def start(
     if kind is not None:
         if process.healthy(config.host, config.port):
             return Outcome("already-running", kind, url=url)
-        _check_port(config)
+        check_port(config)
         return _service_start(kind, project, config)
     pid_file = process.PidFile(project.state_dir)
     record = pid_file.read()
@@ -79,7 +86,7 @@ def start(
             return Outcome("already-running", "process", record.pid, url)
         pid_file.remove()
     server = plan(project, config, python, model_override, fallback_demo)
-    _check_port(config)
+    check_port(config)
     log_file = config.service.log_file
     argv = [sys.executable, "-m", "mlx_local.cli", "serve", "--log", "--model"]
     argv.append(server.command.model.argument)
