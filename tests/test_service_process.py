@@ -283,3 +283,23 @@ def test_terminate_escalates_to_sigkill(tmp_path: Path) -> None:
     reaper.join(timeout=10)
     assert stubborn.returncode == -signal.SIGKILL
     assert process.terminate(stubborn.pid, timeout=1) == "gone"
+
+
+@pytest.mark.slow
+def test_config_check_probes_the_patched_server(
+    tmp_path: Path, patched_runtime, demo_model: Path
+) -> None:
+    """Every option the config can produce is one the patched server's --help lists."""
+    extra = (
+        "prompt_cache_size = 1\nkv_bits = 4\nkv_group_size = 64\nquantized_kv_start = 0\n"
+        'temp = 0.5\ntop_p = 0.9\ntop_k = 5\nmin_p = 0.1\nlog_level = "INFO"\n'
+        "decode_concurrency = 2\nprompt_concurrency = 2\nnum_draft_tokens = 2\n"
+        'api_key = "k"\n[chat_template_args]\nenable_thinking = false\n'
+    )
+    proj = make_service_project(
+        tmp_path, patched_runtime.root, patched_runtime.python, demo_model, extra
+    )
+    result = proj.cli("config", "check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the installed server accepts every option" in result.stdout
+    assert "--kv-bits 4" in result.stdout and "--prompt-cache-size 1" in result.stdout
