@@ -299,8 +299,11 @@ def _logs(args: argparse.Namespace) -> int:
         print(line)
     if args.follow:
         sys.stdout.flush()
-        for line in logs.follow(path):
-            print(line, flush=True)
+        try:
+            for line in logs.follow(path):
+                print(line, flush=True)
+        except KeyboardInterrupt:  # Ctrl-C is how `logs -f` ends
+            return 0
     return 0
 
 
