@@ -37,8 +37,8 @@ def check_runtime(project: Project, python: Path) -> None:
 
 
 def hub_status(repo_id: str) -> str:
-    """ "cached" (in the local Hugging Face cache), "online" (on the hub), "missing" (the hub
-    says no such model) or "unreachable" (offline)."""
+    """Where a hub model stands: "cached" (in the local Hugging Face cache), "online" (on the
+    hub), "missing" (the hub says there is no such model) or "unreachable" (offline)."""
     from huggingface_hub import try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
