@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -87,7 +88,13 @@ def _inspect_local(spec: str, path: Path) -> Source:
     config = _read_config(path / "config.json", spec)
     source = Source(kind="local", spec=spec, path=path.resolve(), files=files, config=config)
     source.model_type = config.get("model_type")
-    source.parameters = _count_parameters(path, files)
+    try:
+        source.parameters = check_weights(path, files)
+    except DamagedWeights as error:
+        raise UserError(
+            f"{spec}: {error}; the download is incomplete or the file is damaged "
+            "(nothing was written to local-models/)"
+        ) from None
     return source
 
 
@@ -98,26 +105,41 @@ def _read_config(file: Path, spec: str) -> dict:
         raise UserError(f"{spec}: config.json is unreadable ({error})") from None
 
 
-def _count_parameters(folder: Path, files: dict[str, int]) -> int | None:
-    """Parameters declared in the safetensors headers (None if a header is unreadable)."""
+class DamagedWeights(Exception):
+    """A safetensors file whose header is unreadable or promises more bytes than it holds."""
+
+
+def read_header(file: Path) -> dict:
+    """The JSON header of a safetensors file, checked against the file's size."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            raise DamagedWeights(f"{file.name} is empty or truncated ({size} bytes)")
+        (length,) = struct.unpack("<Q", raw)
+        if length > min(size - 8, 100_000_000):
+            raise DamagedWeights(f"{file.name} has no valid safetensors header")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            raise DamagedWeights(f"{file.name} has a corrupt safetensors header") from None
+    tensors = [t for key, t in header.items() if key != "__metadata__"]
+    end = 8 + length + max((t["data_offsets"][1] for t in tensors), default=0)
+    if end > size:
+        raise DamagedWeights(
+            f"{file.name} is truncated: {size} bytes where its header promises {end}"
+        )
+    return header
+
+
+def check_weights(folder: Path, files: dict[str, int]) -> int:
+    """Check every safetensors header of a model folder; return the parameter count."""
     total = 0
     for name in files:
-        if not name.endswith(".safetensors"):
-            continue
-        try:
-            with open(folder / name, "rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                if length > 100_000_000:
-                    return None
-                header = json.loads(handle.read(length))
-        except (OSError, ValueError, struct.error):
-            return None
-        for key, tensor in header.items():
-            if key != "__metadata__":
-                count = 1
-                for dim in tensor["shape"]:
-                    count *= dim
-                total += count
+        if name.endswith(".safetensors"):
+            for key, tensor in read_header(folder / name).items():
+                if key != "__metadata__":
+                    total += math.prod(tensor["shape"])
     return total
 
 
@@ -248,6 +270,13 @@ def download(source: Source) -> Path:
         for name in source.files
         if (source.path / name).is_file()
     }
+    try:
+        source.parameters = check_weights(source.path, source.files)
+    except DamagedWeights as error:
+        raise UserError(
+            f"{source.repo_id}: {error} in the hub cache; remove it with `hf cache delete` "
+            "and run again"
+        ) from None
     return source.path
 
 

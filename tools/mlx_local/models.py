@@ -256,18 +256,23 @@ def sweep_stale(models_dir: Path) -> list[str]:
 # ---------------------------------------------------------------- planning
 
 
-def _runner(args: list[str], log: Path | None = None, quiet: bool = False) -> dict:
+def _runner(
+    command: str, argument: str | dict, log: Path | None = None, quiet: bool = False
+) -> dict:
     """Run convert_runner.py in the runtime python; its JSON answer."""
     python = project.runtime_python()
     env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory(prefix="mlx-local-runner-") as scratch, ExitStack() as stack:
         result_file = Path(scratch) / "result.json"
+        if isinstance(argument, dict):
+            (Path(scratch) / "spec.json").write_text(json.dumps(argument))
+            argument = str(Path(scratch) / "spec.json")
         output = subprocess.DEVNULL
         if log:
             output = stack.enter_context(open(log, "a", encoding="utf-8"))
         try:
             done = subprocess.run(
-                [str(python), str(RUNNER), *args, str(result_file)],
+                [str(python), str(RUNNER), command, argument, str(result_file)],
                 stdout=output if quiet else None,
                 stderr=output,
                 env=env,
@@ -282,7 +287,7 @@ def _runner(args: list[str], log: Path | None = None, quiet: bool = False) -> di
 
 def probe_runtime(model_type: str) -> dict:
     """Ask the runtime python's mlx_lm whether it supports `model_type` (and its versions)."""
-    result = _runner(["probe", model_type])
+    result = _runner("probe", model_type)
     if not result["ok"]:
         if result["kind"] == "no_mlx_lm":
             raise UserError(f"mlx_lm is not installed ({result['message']}); run setup-repo first")
@@ -481,12 +486,7 @@ def _convert_into(plan: Plan, source_dir: Path, tmp: Path, log: Path, quiet: boo
         "dtype": plan.dtype,
         "verify_tokens": VERIFY_TOKENS,
     }
-    spec_file = tmp.with_name(tmp.name + ".json")
-    spec_file.write_text(json.dumps(spec))
-    try:
-        result = _runner(["convert", str(spec_file)], log=log, quiet=quiet)
-    finally:
-        spec_file.unlink(missing_ok=True)
+    result = _runner("convert", spec, log=log, quiet=quiet)
     if result["ok"] and not result["verification"]["ok"]:
         result = {"ok": False, "kind": "verify", "message": "it generated no tokens"}
     if not result["ok"]:
