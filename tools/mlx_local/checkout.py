@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from packaging.version import Version
+
 from . import gitutil, patchqueue, upstream
 from .errors import UserError
 from .project import Project, runtime_python
@@ -19,6 +21,9 @@ BASE_KEY = "mlx-local.base"
 BACKUP_PREFIX = "refs/mlx-local/backup"
 EXCLUDES = ("*.egg-info/", "__pycache__/", "build/", ".mlx-local-*")
 BACKENDS = ("auto", "cpu", "metal", "cuda12", "cuda13")
+# mlx 0.32 made streams per thread; servers before mlx-lm 0.31.3 then fail in their
+# generation thread ("There is no Stream(cpu, 0) in current thread") and requests hang.
+MLX_BOUNDS = ((Version("0.31.3"), "mlx<0.32"),)
 
 
 class PatchFailed(UserError):
@@ -223,12 +228,20 @@ def is_installed_from(python: Path, repo: Path) -> bool:
     return origin is not None and origin.is_relative_to(repo.resolve())
 
 
+def mlx_bounds(repo: Path) -> list[str]:
+    """Upper bounds on mlx that the checkout's base release needs."""
+    version = upstream.tag_version(checkout_base(repo) or "")
+    return [bound for below, bound in MLX_BOUNDS if version is not None and version < below]
+
+
 def install_editable(python: Path, repo: Path, backend: str) -> None:
     """`pip install -e` the checkout into `python`'s environment."""
     extra = install_extra(backend)
     target = f"{repo}[{extra}]" if extra else str(repo)
     command = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    result = subprocess.run([*command, "-e", target], capture_output=True, text=True)
+    result = subprocess.run(
+        [*command, "-e", target, *mlx_bounds(repo)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
         raise UserError(f"pip install -e {target} failed: {' | '.join(tail)}")
