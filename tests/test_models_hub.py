@@ -54,15 +54,18 @@ def write_hub_cache(cache: Path, repo: str, commit: str, source: Path) -> Path:
     return snapshot
 
 
-def hub_env(tmp_path: Path, runtime: PatchedRuntime, home: Path, **extra: str) -> dict[str, str]:
-    """Environment of a user with no token and their own hub cache."""
+def hub_env(
+    tmp_path: Path, runtime: PatchedRuntime | None, home: Path, **extra: str
+) -> dict[str, str]:
+    """Environment of a user with no token and their own hub cache. Without a runtime, any
+    attempt to run mlx_lm fails: the refusals under test must come before that."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
     return env | {
         "HF_HOME": str(tmp_path / "hf-home"),
         "HF_HUB_CACHE": str(tmp_path / "hub-cache"),
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "MLX_LOCAL_HOME": str(home),
-        "MLX_LOCAL_PYTHON": str(runtime.python),
+        "MLX_LOCAL_PYTHON": str(runtime.python if runtime else tmp_path / "no-python"),
         **extra,
     }
 
@@ -113,11 +116,9 @@ def test_offline_hub_id_resolves_through_the_cache(
     assert "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in missing.stderr
 
 
-def test_offline_unknown_hub_id_says_it_is_not_cached(
-    tmp_path: Path, patched_runtime: PatchedRuntime
-) -> None:
+def test_offline_unknown_hub_id_says_it_is_not_cached(tmp_path: Path) -> None:
     home = make_project(tmp_path / "project")
-    env = hub_env(tmp_path, patched_runtime, home, HF_HUB_OFFLINE="1")
+    env = hub_env(tmp_path, None, home, HF_HUB_OFFLINE="1")
     done = convert(env, "nobody/nothing-here")
     assert done.returncode == 1
     assert "nobody/nothing-here is not in the local Hugging Face cache" in done.stderr
@@ -253,12 +254,10 @@ def test_hub_download_lands_in_the_hub_cache_and_converts(
     assert not any(r.startswith("GET") and "resolve" in r for r in hub.requests)
 
 
-def test_unknown_hub_id_is_one_clear_line(
-    tmp_path: Path, patched_runtime: PatchedRuntime, stand_in_hub
-) -> None:
+def test_unknown_hub_id_is_one_clear_line(tmp_path: Path, stand_in_hub) -> None:
     _, url = stand_in_hub
     home = make_project(tmp_path / "project")
-    done = convert(hub_env(tmp_path, patched_runtime, home, HF_ENDPOINT=url), "nobody/nothing")
+    done = convert(hub_env(tmp_path, None, home, HF_ENDPOINT=url), "nobody/nothing")
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         "error: unknown hub id nobody/nothing: no such model on the Hugging Face hub "
@@ -267,12 +266,12 @@ def test_unknown_hub_id_is_one_clear_line(
 
 
 def test_gated_repo_without_token_is_refused(
-    tmp_path: Path, demo_model: Path, patched_runtime: PatchedRuntime, stand_in_hub
+    tmp_path: Path, demo_model: Path, stand_in_hub
 ) -> None:
     hub, url = stand_in_hub
     hub.add("org/gated", demo_files(demo_model), gated="manual", **QWEN3)
     home = make_project(tmp_path / "project")
-    done = convert(hub_env(tmp_path, patched_runtime, home, HF_ENDPOINT=url), "org/gated")
+    done = convert(hub_env(tmp_path, None, home, HF_ENDPOINT=url), "org/gated")
     assert done.returncode == 1
     assert "org/gated is a gated model" in done.stderr and "HF_TOKEN" in done.stderr
     assert not any("resolve" in r for r in hub.requests)
