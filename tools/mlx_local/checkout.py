@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import shutil
@@ -239,8 +240,12 @@ def install_editable(python: Path, repo: Path, backend: str) -> None:
     extra = install_extra(backend)
     target = f"{repo}[{extra}]" if extra else str(repo)
     command = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    # Newer releases take their version from git (setuptools-scm), which would call the
+    # patched branch a dev build and rewrite the tracked mlx_lm/_version.py: pin it to the base.
+    base = upstream.tag_version(checkout_base(repo) or "")
+    env = {**os.environ, "SETUPTOOLS_SCM_PRETEND_VERSION_FOR_MLX_LM": str(base or "0")}
     result = subprocess.run(
-        [*command, "-e", target, *mlx_bounds(repo)], capture_output=True, text=True
+        [*command, "-e", target, *mlx_bounds(repo)], capture_output=True, text=True, env=env
     )
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
