@@ -113,7 +113,7 @@ def test_offline_hub_id_resolves_through_the_cache(
 
     missing = convert(env, REPO, "--revision", "v2")
     assert missing.returncode == 1
-    assert "not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in missing.stderr
+    assert "nor in the local Hugging Face cache, and HF_HUB_OFFLINE is set" in missing.stderr
 
 
 def test_offline_unknown_hub_id_says_it_is_not_cached(tmp_path: Path) -> None:
@@ -121,7 +121,7 @@ def test_offline_unknown_hub_id_says_it_is_not_cached(tmp_path: Path) -> None:
     env = hub_env(tmp_path, None, home, HF_HUB_OFFLINE="1")
     done = convert(env, "nobody/nothing-here")
     assert done.returncode == 1
-    assert "nobody/nothing-here is not in the local Hugging Face cache" in done.stderr
+    assert "nobody/nothing-here is neither a local folder nor in the local" in done.stderr
     assert list((home / "local-models").iterdir()) == []
 
 

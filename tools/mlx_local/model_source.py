@@ -231,7 +231,8 @@ def _inspect_cached(source: Source, why: str) -> Source:
     except LocalEntryNotFoundError:
         revision = f" at {source.requested_revision}" if source.requested_revision else ""
         raise UserError(
-            f"{source.repo_id}{revision} is not in the local Hugging Face cache and {why}"
+            f"{source.repo_id}{revision} is neither a local folder nor in the local "
+            f"Hugging Face cache, and {why}"
         ) from None
     local = _inspect_local(source.spec, snapshot)
     source.offline = True
