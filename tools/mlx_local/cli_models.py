@@ -84,7 +84,7 @@ def _register_demo(sub: argparse._SubParsersAction) -> None:
 
 def _quant_text(quantization: dict | None, dtype: str | None) -> str:
     if not quantization:
-        return dtype or "-"
+        return models.DTYPE_SHORT.get(dtype or "", dtype or "-")
     if quantization.get("recipe"):
         return f"{quantization['recipe']} g{quantization.get('group_size')}"
     return f"{quantization.get('bits')}-bit g{quantization.get('group_size')}"
@@ -92,9 +92,9 @@ def _quant_text(quantization: dict | None, dtype: str | None) -> str:
 
 def _source_text(source: dict | None) -> str:
     if not source:
-        return "(no manifest)"
+        return "-"
     if source.get("kind") == "hub":
-        return f"{source['repo_id']}@{str(source.get('revision'))[:10]}"
+        return f"{source['repo_id']}@{str(source.get('revision'))[:8]}"
     return str(source.get("path"))
 
 
@@ -167,11 +167,11 @@ def _list(args: argparse.Namespace) -> int:
         console.print("no models in local-models/ yet; try: convert-model Qwen/Qwen3-0.6B")
         return 0
     table = Table(title="local-models/")
-    for column in ("name", "quantization", "size", "params", "context", "source", "verified"):
+    for column in ("name", "quant", "size", "params", "ctx", "source", "ok"):
         table.add_column(
             column,
             justify="right" if column in ("size", "params") else "left",
-            no_wrap=column in ("name", "size"),
+            no_wrap=column not in ("quant", "source"),
         )
     for row in rows:
         verified = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[row["verified"]]
