@@ -8,6 +8,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import UserError
 
@@ -52,7 +53,9 @@ def run(argv: Sequence[str] | None, prog_command: str | None = None) -> int:
     try:
         return int(handler(args) or 0)
     except UserError as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True
+        )
         return error.exit_code
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]")
@@ -63,7 +66,7 @@ def run(argv: Sequence[str] | None, prog_command: str | None = None) -> int:
         else:
             kind, value, _ = sys.exc_info()
             err_console.print(
-                f"[bold red]internal error:[/] {kind.__name__}: {value} "
+                f"[bold red]internal error:[/] {kind.__name__}: {escape(str(value))} "
                 "(rerun with --verbose for the traceback)",
                 highlight=False,
                 soft_wrap=True,
