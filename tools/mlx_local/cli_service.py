@@ -18,8 +18,8 @@ from . import project
 from .errors import UserError
 from .service import command, control, install, logs, process, serve
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 STATE_STYLE = {"running": "green", "starting": "yellow", "crashed": "red", "stopped": "dim"}
 
@@ -181,10 +181,10 @@ def _banner(cfg: config_mod.Config, with_key: bool) -> list[str]:
 def _serve(args: argparse.Namespace) -> int:
     proj, cfg = _load()
     python = project.runtime_python()
+    control.check_port(cfg)
     plan = serve.plan(proj, cfg, python, args.model, args.fallback_demo)
     for warning in plan.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-    control.check_port(cfg)
     err_console.print(f"starting: {plan.command.display()}", highlight=False, soft_wrap=True)
     log = None
     if args.log:

@@ -85,8 +85,8 @@ def start(
         if process.is_server(process.process_info(record.pid)):
             return Outcome("already-running", "process", record.pid, url)
         pid_file.remove()
-    server = plan(project, config, python, model_override, fallback_demo)
     check_port(config)
+    server = plan(project, config, python, model_override, fallback_demo)
     log_file = config.service.log_file
     argv = [sys.executable, "-m", "mlx_local.cli", "serve", "--log", "--model"]
     argv.append(server.command.model.argument)

@@ -86,7 +86,7 @@ def process_info(pid: int) -> ProcInfo | None:
     """RSS, uptime and command line of `pid`, or None if it is gone (zombies count as gone)."""
     try:
         out = subprocess.run(
-            ["ps", "-o", "stat=,rss=,etime=,command=", "-p", str(pid)],
+            ["ps", "-ww", "-o", "stat=,rss=,etime=,command=", "-p", str(pid)],
             capture_output=True,
             text=True,
             timeout=10,
