@@ -55,20 +55,30 @@ def settings(model: Path, out_dir: Path, quick: bool, repeats: int | None) -> Se
     """Full runs use 2K/4K/8K prefixes; --quick uses tiny ones (a plumbing check)."""
     if quick:
         return Settings(
-            model, out_dir, repeats or 1, True, [64, 128], 4, 2, 64, [64, 128, 256], 128, 64
+            model=model,
+            out_dir=out_dir,
+            repeats=repeats or 1,
+            quick=True,
+            prefixes=[64, 128],
+            decode_tokens=4,
+            first_turn_tokens=2,
+            interleave_prefix=64,
+            kv_contexts=[64, 128, 256],
+            kv_server_prefix=128,
+            restart_prefix=64,
         )
     return Settings(
-        model,
-        out_dir,
-        repeats or 3,
-        False,
-        [2048, 4096, 8192],
-        32,
-        8,
-        2048,
-        [1024, 2048, 4096, 8192],
-        4096,
-        4096,
+        model=model,
+        out_dir=out_dir,
+        repeats=repeats or 3,
+        quick=False,
+        prefixes=[2048, 4096, 8192],
+        decode_tokens=32,
+        first_turn_tokens=8,
+        interleave_prefix=2048,
+        kv_contexts=[1024, 2048, 4096, 8192],
+        kv_server_prefix=4096,
+        restart_prefix=4096,
     )
 
 
