@@ -80,6 +80,12 @@ BAD_VALUES = [
     ('log_level = "LOUD"', 'log_level = "LOUD"', '"DEBUG", "INFO"'),
     ('api_key_env = "1BAD-NAME"', 'api_key_env = "1BAD-NAME"', "environment variable name"),
     ("num_draft_tokens = 0", "num_draft_tokens = 0", "an integer >= 1"),
+    ("prompt_cache_dir = true", "prompt_cache_dir = true", "or false to turn it off"),
+    (
+        'prompt_cache_dir = "d"\nprompt_cache_dir_bytes = "lots"',
+        'prompt_cache_dir_bytes = "lots"',
+        'a byte count: an integer, or a string like "512M"',
+    ),
     ("[service]\nlog_max_mb = 0", "service.log_max_mb = 0", "an integer from 1 to 10000"),
     ("[service]\nstop_timeout = 0", "service.stop_timeout = 0", "a number > 0"),
 ]
@@ -104,8 +110,10 @@ def test_unknown_keys_are_errors_with_a_suggestion(proj: Project) -> None:
 
 
 def test_conflicting_and_incomplete_settings(proj: Project) -> None:
-    message = problems_of(proj, 'api_key = "a"\napi_key_env = "B"\nkv_group_size = 64\n')
+    text = 'api_key = "a"\napi_key_env = "B"\nkv_group_size = 64\n'
+    message = problems_of(proj, text + "prompt_cache_dir = false\nprompt_cache_dir_bytes = 9\n")
     assert "api_key and api_key_env are both set" in message
+    assert "prompt_cache_dir_bytes is set but prompt_cache_dir is off" in message
     assert "kv_group_size is set without kv_bits" in message
 
 

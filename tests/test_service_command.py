@@ -22,6 +22,8 @@ port = 9100
 served_model_name = "my-id"
 max_tokens = 64
 prompt_cache_size = 1
+prompt_cache_dir = "pc"
+prompt_cache_dir_bytes = "512M"
 kv_bits = 4
 kv_group_size = 32
 quantized_kv_start = 128
@@ -50,6 +52,8 @@ EXPECTED = [
     ("--served-model-name", "my-id"),
     ("--max-tokens", "64"),
     ("--prompt-cache-size", "1"),
+    ("--prompt-cache-dir", "{root}/pc"),
+    ("--prompt-cache-dir-bytes", "512M"),
     ("--kv-bits", "4"),
     ("--kv-group-size", "32"),
     ("--quantized-kv-start", "128"),
@@ -58,7 +62,7 @@ EXPECTED = [
     ("--top-k", "40"),
     ("--min-p", "0.05"),
     ("--chat-template", "{{ messages }}"),
-    ("--adapter-path", "adapters"),
+    ("--adapter-path", "{root}/adapters"),
     ("--draft-model", "draft"),
     ("--num-draft-tokens", "3"),
     ("--decode-concurrency", "4"),
@@ -86,7 +90,7 @@ def test_every_key_maps_to_its_server_option(proj: Project) -> None:
     assert argv[:5] == [str(PYTHON), "-m", "mlx_lm.server", "--model", model]
     pairs = dict(zip(argv[5::1], argv[6::1], strict=False))
     for flag, value in EXPECTED:
-        assert pairs.get(flag) == value, f"{flag}: {argv}"
+        assert pairs.get(flag) == value.replace("{root}", str(proj.root)), f"{flag}: {argv}"
     assert "--use-default-chat-template" in argv and "--trust-remote-code" in argv
     assert json.loads(pairs["--chat-template-args"]) == {"enable_thinking": False}
     # Every server key is accounted for: either a flag on the command line or the API key env.
@@ -104,9 +108,10 @@ def test_display_masks_the_api_key(proj: Project) -> None:
 
 
 def test_false_booleans_and_unset_keys_add_nothing(proj: Project) -> None:
-    text = 'model = "tiny"\ntrust_remote_code = false\n'
+    text = 'model = "tiny"\ntrust_remote_code = false\nprompt_cache_dir = false\n'
     cmd = command.build_command(load(proj, text), proj, PYTHON, environ={})
     assert "--trust-remote-code" not in cmd.argv
+    assert "--prompt-cache-dir" not in cmd.argv  # false turns the disk cache off
     assert "--kv-bits" not in cmd.argv
     assert cmd.env == {}
 
@@ -137,7 +142,10 @@ def test_model_resolution(proj: Project, tmp_path: Path) -> None:
 
 def test_unsupported_flags_against_a_help_text(proj: Project) -> None:
     cmd = command.build_command(load(proj, 'model = "tiny"\nkv_bits = 4\n'), proj, PYTHON)
-    help_text = "usage: server.py [--model MODEL] [--host HOST] [--port PORT] [--max-tokens N]"
+    help_text = (
+        "usage: server.py [--model MODEL] [--host HOST] [--port PORT] [--max-tokens N] "
+        "[--prompt-cache-dir D] [--prompt-cache-dir-bytes B]"
+    )
     assert command.unsupported_flags(cmd, help_text) == ["--served-model-name", "--kv-bits"]
 
 

@@ -86,6 +86,21 @@ def _text(pattern: re.Pattern[str] | None = None, what: str = "a non-empty strin
     return check
 
 
+_BYTES = re.compile(r"^\s*\d+\s*[kmgtKMGT]?i?[bB]?\s*$")
+
+
+def _byte_count(value: Any) -> str | None:
+    if (_is_int(value) and value >= 1) or (isinstance(value, str) and _BYTES.match(value)):
+        return None
+    return 'a byte count: an integer, or a string like "512M" or "10G"'
+
+
+def _folder_or_off(value: Any) -> str | None:
+    if value is False or (isinstance(value, str) and value.strip()):
+        return None
+    return "a folder path, or false to turn it off"
+
+
 def _bool(value: Any) -> str | None:
     return None if isinstance(value, bool) else "true or false"
 
@@ -130,11 +145,21 @@ SERVER_KEYS: dict[str, Key] = {
     "top_p": Key(_number(0, 1, open_min=True), "--top-p", "default nucleus sampling top-p"),
     "top_k": Key(_int(0), "--top-k", "default top-k (0 disables it)"),
     "min_p": Key(_number(0, 1), "--min-p", "default min-p (0 disables it)"),
+    "prompt_cache_dir": Key(
+        _folder_or_off,
+        "--prompt-cache-dir",
+        "keep prompt caches on disk here (relative: to the project); false turns it off",
+    ),
+    "prompt_cache_dir_bytes": Key(
+        _byte_count, "--prompt-cache-dir-bytes", "byte budget of prompt_cache_dir"
+    ),
     "chat_template_args": Key(_table, "--chat-template-args", "arguments for the chat template"),
     "chat_template": Key(_text(), "--chat-template", "a chat template instead of the model's"),
     "use_default_chat_template": Key(_bool, "--use-default-chat-template", "tokenizer default"),
     "trust_remote_code": Key(_bool, "--trust-remote-code", "trust the tokenizer's remote code"),
-    "adapter_path": Key(_text(), "--adapter-path", "trained adapter weights"),
+    "adapter_path": Key(
+        _text(), "--adapter-path", "trained adapter weights (relative: to the project)"
+    ),
     "draft_model": Key(_text(), "--draft-model", "model for speculative decoding"),
     "num_draft_tokens": Key(_int(1), "--num-draft-tokens", "tokens drafted per step"),
     "decode_concurrency": Key(_int(1), "--decode-concurrency", "requests decoded in parallel"),
@@ -158,6 +183,9 @@ SERVICE_KEYS: dict[str, Key] = {
 }
 
 REQUIRED = ("model", "host", "port", "served_model_name")
+# Keys holding a local path: a relative one is taken from the project root, so the server
+# finds the same folder whatever directory `serve` is started from.
+PATH_KEYS = ("prompt_cache_dir", "adapter_path")
 
 
 @dataclass(frozen=True)
@@ -245,6 +273,10 @@ def validate(data: dict[str, Any]) -> list[str]:
     problems += [f"{key} is missing; it is required" for key in REQUIRED if key not in data]
     if "api_key" in data and "api_key_env" in data:
         problems.append("api_key and api_key_env are both set; allowed: at most one of them")
+    if "prompt_cache_dir_bytes" in data and data.get("prompt_cache_dir", False) is False:
+        problems.append(
+            "prompt_cache_dir_bytes is set but prompt_cache_dir is off; allowed: set both"
+        )
     if "kv_group_size" in data and "kv_bits" not in data:
         problems.append("kv_group_size is set without kv_bits; allowed: set kv_bits as well")
     return problems
@@ -294,6 +326,10 @@ def load(project: Project, path: Path | None = None) -> Config:
         stop_timeout=float(service.get("stop_timeout", 15)),
     )
     options = {k: v for k, v in data.items() if k != "service"}
+    for key in PATH_KEYS:
+        if isinstance(options.get(key), str):
+            path = Path(os.path.expanduser(options[key]))
+            options[key] = str(path if path.is_absolute() else project.root / path)
     return Config(path=path, options=options, service=settings)
 
 

@@ -104,7 +104,7 @@ def build_command(
     """The server command for `config` (with `model` instead of the configured one if given)."""
     model = model or resolve_model(config.model, project)
     argv = [str(python), "-m", "mlx_lm.server", "--model", model.argument]
-    argv += _option_args(config.options, skip={"model"})
+    argv += _option_args(config.options, skip={"model"})  # paths made absolute by config.load
     key = api_key(config, environ)
     return ServerCommand(argv=argv, env={API_KEY_ENV: key} if key else {}, model=model)
 
