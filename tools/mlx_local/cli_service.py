@@ -314,7 +314,7 @@ def _install(args: argparse.Namespace) -> int:
         err_console.print(f"# would write {path}:", highlight=False, soft_wrap=True)
         sys.stdout.write(install.render(args.kind, proj, cfg).decode())
         return 0
-    if not args.write_only and args.kind == install.native_kind():
+    if install.will_load(args.kind, args.write_only):
         stopped = control.stop(proj, cfg)
         if stopped.action in ("stopped", "killed"):
             console.print("stopped the background server; the service takes over")

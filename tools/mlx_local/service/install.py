@@ -54,6 +54,14 @@ def installed_kind(dest: Path | None = None) -> Kind | None:
     return kind
 
 
+def will_load(kind: Kind, write_only: bool) -> bool:
+    """Whether install loads the service file too; fails when it should but cannot."""
+    loadable = kind == native_kind() and not write_only
+    if loadable and kind == "systemd" and not systemd.bus_available():
+        raise UserError(systemd.no_bus_message() + "; pass --write-only to only write the unit")
+    return loadable
+
+
 @dataclass(frozen=True)
 class InstallResult:
     path: Path
@@ -65,9 +73,7 @@ def install(
     kind: Kind, project: Project, config: Config, dest: Path | None, write_only: bool
 ) -> InstallResult:
     """Write the service file (atomically; unchanged content is left alone) and load it."""
-    loadable = kind == native_kind() and not write_only
-    if loadable and kind == "systemd" and not systemd.bus_available():
-        raise UserError(systemd.no_bus_message() + "; pass --write-only to only write the unit")
+    loadable = will_load(kind, write_only)
     path = service_file(kind, dest)
     content = render(kind, project, config)
     changed = not path.is_file() or path.read_bytes() != content
