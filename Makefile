@@ -24,3 +24,7 @@ test: $(STAMP) system-deps
 # installed with a guarded apt-get where possible.
 system-deps:
 	@bash .ci/install-test-tools
+
+lint: $(STAMP)
+	$(BIN)/ruff check tools tests
+	$(BIN)/ruff format --check tools tests
