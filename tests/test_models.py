@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from mlx_local import models, project
-from mlx_local.errors import UserError
+from mlx_local import models
 from tests.conftest import PatchedRuntime, make_project
 from tests.helpers import run_cli
 
@@ -251,18 +250,3 @@ def test_bits_and_recipe_exclude_each_other(tmp_path: Path, demo_model: Path) ->
     )
     assert done.returncode == 2
     assert "not allowed with argument" in done.stderr
-
-
-def test_resolve_model_names_paths_and_hub_ids(tmp_path: Path, demo_model: Path) -> None:
-    proj = project.Project(make_project(tmp_path / "project"))
-    (proj.models_dir / "mine").mkdir()
-    (proj.models_dir / "mine" / "config.json").write_text("{}")
-    assert models.resolve_model("mine", proj) == str(proj.models_dir / "mine")
-    assert models.resolve_model(str(demo_model), proj) == str(demo_model.resolve())
-    assert models.resolve_model("mlx-community/Qwen3-0.6B-4bit", proj) == (
-        "mlx-community/Qwen3-0.6B-4bit"
-    )
-    with pytest.raises(UserError, match=r"unknown model 'nothing'.*there: mine"):
-        models.resolve_model("nothing", proj)
-    with pytest.raises(UserError, match="not a model"):
-        models.resolve_model(str(tmp_path), proj)

@@ -115,29 +115,6 @@ def model_folders(models_dir: Path) -> list[Path]:
     )
 
 
-def resolve_model(name_or_path_or_hub_id: str, proj: project.Project | None = None) -> str:
-    """What to hand mlx_lm for a model named by folder name in local-models/, path, or hub id."""
-    proj = proj or project.current()
-    spec = name_or_path_or_hub_id.strip()
-    if not spec:
-        raise UserError("no model given")
-    in_models = proj.models_dir / spec
-    if "/" not in spec and (in_models / "config.json").is_file():
-        return str(in_models)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{spec} is a folder but not a model (no config.json in it)")
-        return str(path.resolve())
-    if model_source.HUB_ID.match(spec):
-        return spec
-    known = ", ".join(p.name for p in model_folders(proj.models_dir)) or "none"
-    raise UserError(
-        f"unknown model {spec!r}: not a folder in local-models/ (there: {known}), "
-        "not a path, not a hub id"
-    )
-
-
 # ---------------------------------------------------------------- manifests and listing
 
 

@@ -13,9 +13,10 @@ from typing import Literal
 
 from ..config import API_KEY_ENV, SERVER_KEYS, Config
 from ..errors import UserError
+from ..model_source import HUB_ID
+from ..models import model_folders
 from ..project import Project
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ModelKind = Literal["local", "path", "hub"]
 
 
@@ -45,9 +46,11 @@ def resolve_model(spec: str, project: Project) -> Model:
     looks_like_path = spec.startswith(("/", "./", "../", "~")) or expanded.is_absolute()
     if not looks_like_path and HUB_ID.match(spec):
         return Model(spec, "hub")
+    known = ", ".join(p.name for p in model_folders(project.models_dir)) or "none"
     raise UserError(
-        f"model {spec!r} not found: not a folder under {project.models_dir}, not a path, "
-        "not a hub id (org/name); build one with `convert-model` or `mlx-local demo-model`"
+        f"model {spec!r} not found: not a folder under {project.models_dir} (there: {known}), "
+        "not a path, not a hub id (org/name); build one with `convert-model` or "
+        "`mlx-local demo-model`"
     )
 
 
