@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_local import checkout, gitutil, patchqueue
+from mlx_local import checkout, gitutil, patchqueue, upstream
 from tests.conftest import STAND_IN_TAGS, PatchedRuntime
 from tests.helpers import run_cli
 
@@ -58,6 +58,16 @@ def series_names(home: Path) -> list[str]:
     return [e.name for e in patchqueue.Series.load(home / "patches" / "series").entries]
 
 
+def pinned(home: Path) -> str:
+    return upstream.UpstreamSettings.load(home / "patches" / "upstream.toml").pin
+
+
+def active_names(home: Path, tag: str) -> list[str]:
+    """The patches setup-repo applies at release `tag`."""
+    series = patchqueue.Series.load(home / "patches" / "series")
+    return [e.name for e in series.active(upstream.tag_version(tag))]
+
+
 def test_stand_in_upstream_has_one_reproducible_commit_per_release(
     stand_in_upstream: Path,
 ) -> None:
@@ -77,8 +87,10 @@ def test_setup_applies_the_queue_and_a_rerun_changes_nothing(
     first = setup_repo(project_copy, stand_in_upstream)
     assert first.returncode == 0, first.stderr
     repo = project_copy / "mlx-lm-repo"
-    names = series_names(project_copy)
-    subjects = gitutil.out(repo, "log", "--reverse", "--format=%s", "v0.30.7..HEAD").splitlines()
+    pin = pinned(project_copy)
+    names = active_names(project_copy, pin)
+    assert names, "the queue applies patches at the pin"
+    subjects = gitutil.out(repo, "log", "--reverse", "--format=%s", f"{pin}..HEAD").splitlines()
     expected = [patchqueue.read_patch(project_copy / "patches" / n).subject for n in names]
     assert subjects == expected
     assert gitutil.out(repo, "symbolic-ref", "--short", "HEAD") == checkout.BRANCH
@@ -90,10 +102,12 @@ def test_setup_applies_the_queue_and_a_rerun_changes_nothing(
 
 
 def test_authorship_of_each_patch_survives(project_copy: Path, stand_in_upstream: Path) -> None:
-    assert setup_repo(project_copy, stand_in_upstream).returncode == 0
+    assert setup_repo(project_copy, stand_in_upstream, "--ref", "v0.30.7").returncode == 0
     repo = project_copy / "mlx-lm-repo"
     authors = gitutil.out(repo, "log", "--reverse", "--format=%an <%ae>", "v0.30.7..HEAD")
-    for name, author in zip(series_names(project_copy), authors.splitlines(), strict=True):
+    names = active_names(project_copy, "v0.30.7")
+    assert len(names) == len(series_names(project_copy))  # every patch applies at 0.30.7
+    for name, author in zip(names, authors.splitlines(), strict=True):
         info = patchqueue.read_patch(project_copy / "patches" / name)
         assert " ".join(info.author.split()) == author
 

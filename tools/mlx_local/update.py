@@ -32,6 +32,7 @@ class PatchResult:
     outcome: str  # clean / three-way / absorbed / conflict / not for this base
     detail: str = ""
     files: list[str] = field(default_factory=list)
+    since: str = ""  # for absorbed patches: the first release that has them
 
 
 @dataclass
@@ -44,6 +45,7 @@ class UpdateState:
     backup_ref: str
     worktree: str
     todo: list[str]
+    releases: list[list[str]] = field(default_factory=list)  # [tag, commit] in (old, new]
     fetched_tag: bool = False
     install: bool = True
     results: list[PatchResult] = field(default_factory=list)
@@ -130,6 +132,42 @@ def provided_upstream(repo: Path, rev: str, provides: tuple[str, ...]) -> bool:
     return all(re.search(rf"""["']{re.escape(option)}["']""", source) for option in provides)
 
 
+def first_release_providing(
+    repo: Path, releases: list[list[str]], provides: tuple[str, ...]
+) -> str | None:
+    """The oldest of `releases` ([tag, commit], oldest first) whose server has `provides`."""
+    for tag, commit in releases:
+        if provided_upstream(repo, commit, provides):
+            return tag
+    return None
+
+
+def releases_between(
+    repo: Path, remote: upstream.Remote, old: str, new: str, include_pre: bool
+) -> list[list[str]]:
+    """[tag, commit] of the releases after `old` up to `new`, their objects fetched without
+    creating any ref (so absorption can be dated to the first release that has a patch)."""
+    commits = checkout.remote_tags(remote.location)
+    low, high = upstream.tag_version(old), upstream.tag_version(new)
+    tags = [
+        t
+        for t in upstream.release_tags(list(commits), include_pre or high.is_prerelease)
+        if low < upstream.tag_version(t) <= high
+    ]
+    if tags:
+        gitutil.git(
+            repo,
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--no-write-fetch-head",
+            remote.location,
+            *[f"refs/tags/{t}" for t in tags],
+            timeout=600,
+        )
+    return [[t, commits[t]] for t in tags]
+
+
 def guard_below(guard: SpecifierSet | None, version: Version) -> SpecifierSet:
     """`guard` narrowed so it stops admitting `version` and later releases."""
     extra = SpecifierSet(f"<{version}")
@@ -142,7 +180,7 @@ def add_applied_upstream(patch: Path, tag: str) -> None:
     if f"Applied-Upstream: {tag}" in text:
         return
     head, sep, rest = text.partition("\n---\n")
-    patchqueue.write_atomic(patch, f"{head.rstrip()}\nApplied-Upstream: {tag}\n{sep}{rest}")
+    patchqueue.write_atomic(patch, f"{head.rstrip()}\nApplied-Upstream: {tag}{sep}{rest}")
 
 
 # ---- the steps -------------------------------------------------------------------------------
@@ -159,8 +197,10 @@ def apply_remaining(
         info = patchqueue.read_patch(project.patches_dir / name)
         if entry is not None and not entry.admits(new_version):
             result = PatchResult(name, "not for this base", f"guard {entry.guard}")
-        elif provided_upstream(worktree, state.new_base, info.provides):
-            result = PatchResult(name, "absorbed", f"upstream provides {' '.join(info.provides)}")
+        elif since := first_release_providing(worktree, state.releases, info.provides):
+            provided = " ".join(info.provides)
+            result = PatchResult(name, "absorbed", f"upstream provides {provided} since {since}")
+            result.since = since
         else:
             outcome = patchqueue.apply_patch(
                 worktree, project.patches_dir / name, allow_empty_drop=True
@@ -174,6 +214,7 @@ def apply_remaining(
             result = PatchResult(name, "absorbed" if outcome.result == "empty" else outcome.result)
             if outcome.result == "empty":
                 result.detail = "empty on the new base"
+                result.since = state.new_base
         state.results.append(result)
         state.todo.pop(0)
         if save:
@@ -211,9 +252,10 @@ def start(
     series = patchqueue.Series.load(project.series_file)
     todo = [e.name for e in series.entries if e.admits(old_version) or e.admits(new_version)]
     had_tag = gitutil.rev(repo, f"refs/tags/{target}") is not None
-    target_commit = fetch_target(repo, remote, target, dry_run)
+    releases = releases_between(repo, remote, old_base, target, include_pre)
     if dry_run:
-        return dry_run_update(project, repo, old_base, target, target_commit, todo, remote)
+        return dry_run_update(project, repo, old_base, target, releases, todo, remote)
+    checkout.fetch_release(repo, remote, target)
     backup = checkout.backup_ref_name("update")
     gitutil.git(repo, "update-ref", backup, old_head)
     snapshot = snapshot_dir(project)
@@ -221,7 +263,7 @@ def start(
     shutil.copytree(project.patches_dir, snapshot)
     worktree = update_worktree(project)
     state = UpdateState(
-        old_base, target, old_head, backup, str(worktree), todo, not had_tag, install
+        old_base, target, old_head, backup, str(worktree), todo, releases, not had_tag, install
     )
     state.save(state_path(project))
     checkout.remove_worktree(repo, worktree)
@@ -247,44 +289,21 @@ def refuse_unexported(project: Project, repo: Path, base: str) -> None:
         )
 
 
-def fetch_target(repo: Path, remote: upstream.Remote, tag: str, dry_run: bool) -> str:
-    """The commit of release `tag`; a dry run fetches its objects without creating any ref."""
-    if existing := gitutil.rev(repo, f"refs/tags/{tag}"):
-        return existing
-    if not dry_run:
-        checkout.fetch_release(repo, remote, tag)
-        return gitutil.rev(repo, f"refs/tags/{tag}")
-    commit = checkout.remote_tags(remote.location).get(tag)
-    if commit is None:
-        raise UserError(f"upstream ({remote.source}) has no release {tag}")
-    gitutil.git(
-        repo,
-        "fetch",
-        "--quiet",
-        "--no-tags",
-        "--no-write-fetch-head",
-        remote.location,
-        f"refs/tags/{tag}",
-        timeout=600,
-    )
-    return commit
-
-
 def dry_run_update(
     project: Project,
     repo: Path,
     old_base: str,
     target: str,
-    target_commit: str,
+    releases: list[list[str]],
     todo: list[str],
     remote: upstream.Remote,
 ) -> UpdateReport:
     """Rebase in a throwaway worktree and report; nothing the user has is changed."""
     worktree = Path(tempfile.mkdtemp(prefix="update-dry-run-")) / "worktree"
-    state = UpdateState(old_base, target, "", "", str(worktree), list(todo))
+    state = UpdateState(old_base, target, "", "", str(worktree), list(todo), releases)
     try:
+        target_commit = releases[-1][1]
         gitutil.git(repo, "worktree", "add", "--quiet", "--detach", str(worktree), target_commit)
-        state.new_base = target_commit
         conflict = apply_remaining(project, state, worktree, upstream.tag_version(target), False)
         hunks = patchqueue.conflict_hunks(worktree) if conflict else ""
         if conflict:
@@ -338,8 +357,9 @@ def finish(project: Project, state: UpdateState) -> UpdateReport:
     for result in state.results:
         entry = series.find(result.name)
         if result.outcome == "absorbed" and entry is not None and entry.admits(new_version):
-            entry.guard = guard_below(entry.guard, new_version)
-            add_applied_upstream(project.patches_dir / result.name, state.new_base)
+            since = result.since or state.new_base
+            entry.guard = guard_below(entry.guard, upstream.tag_version(since))
+            add_applied_upstream(project.patches_dir / result.name, since)
     series.save(project.series_file)
     checkout.remove_worktree(repo, worktree)
     checkout.move_branch(repo, new_head, "update", backup=False)
