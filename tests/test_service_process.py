@@ -241,10 +241,14 @@ def test_clear_errors_before_anything_starts(tmp_path: Path, demo_model: Path) -
         == f"error: {root / 'mlx-lm-repo'} does not exist: run setup-repo first"
     )
 
-    (root / "mlx-lm-repo").mkdir()  # the CLI's own venv has no mlx_lm
+    (root / "mlx-lm-repo").mkdir()
+    bare = tmp_path / "bare-venv"  # a runtime without mlx_lm
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    env["MLX_LOCAL_PYTHON"] = str(bare / "bin" / "python")
     no_mlx = run_cli(["start"], root, env=env)
     assert (
-        no_mlx.stderr.strip() == f"error: {sys.executable} has no mlx_lm installed: run setup-repo"
+        no_mlx.stderr.strip()
+        == f"error: {env['MLX_LOCAL_PYTHON']} has no mlx_lm installed: run setup-repo"
     )
 
     python = tmp_path / "fake-runtime" / "python"
