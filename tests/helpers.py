@@ -8,12 +8,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from mlx_local.service.process import wait_healthy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -24,22 +23,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def wait_for_health(base_url: str, process: subprocess.Popen, timeout: float) -> None:
-    """Wait until GET /health answers 200; fail early if the process exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with code {process.returncode} before /health")
-        try:
-            with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"server did not answer /health within {timeout:.0f}s")
 
 
 @contextmanager
@@ -62,13 +45,13 @@ def running_server(
             env={**os.environ, **(env or {})},
             start_new_session=True,
         )
-    base_url = f"http://127.0.0.1:{port}"
     try:
-        try:
-            wait_for_health(base_url, process, timeout)
-        except RuntimeError as error:
-            raise RuntimeError(f"{error}; log:\n{log_path.read_text()[-3000:]}") from None
-        yield base_url, log_path
+        if not wait_healthy("127.0.0.1", port, timeout, lambda: process.poll() is None, 0.3):
+            raise RuntimeError(
+                f"server did not answer /health (exit code {process.poll()}); "
+                f"log:\n{log_path.read_text()[-3000:]}"
+            )
+        yield f"http://127.0.0.1:{port}", log_path
     finally:
         stop_process(process)
 
