@@ -283,8 +283,11 @@ def validate(data: dict[str, Any]) -> list[str]:
 
 
 def merge(defaults: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
-    """User values over defaults; the [service] table merges key by key."""
+    """User values over defaults; the [service] table merges key by key. Turning the disk
+    prompt cache off (`prompt_cache_dir = false`) also drops the default byte budget."""
     merged = {**defaults, **user}
+    if user.get("prompt_cache_dir") is False and "prompt_cache_dir_bytes" not in user:
+        merged.pop("prompt_cache_dir_bytes", None)
     if isinstance(defaults.get("service"), dict) and isinstance(user.get("service"), dict):
         merged["service"] = {**defaults["service"], **user["service"]}
     return merged
