@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 
 from mlx_local import checkout, gitutil, patchqueue, upstream
 from tests.conftest import STAND_IN_TAGS, PatchedRuntime
-from tests.helpers import run_cli
+from tests.helpers import REPO_ROOT, run_cli
 
 CONFLICTING_PATCH = """\
 From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001
@@ -246,3 +248,28 @@ def test_installed_checkout_is_what_python_imports(patched_runtime: PatchedRunti
     assert provides, "the queue should provide server options"
     for option in provides:
         assert option in help_text
+
+
+def test_pypi_source_is_reproducible_and_works_offline_from_its_cache(
+    project_copy: Path, stand_in_upstream: Path, tmp_path: Path
+) -> None:
+    """auto: git unreachable -> PyPI releases; with the sdists cached, no network is needed."""
+    toml = project_copy / "patches" / "upstream.toml"
+    text = toml.read_text()
+    text = re.sub(r"(?m)^git_url = .*$", f'git_url = "{tmp_path / "no-such-repo"}"', text)
+    text = re.sub(r"(?m)^pypi_json_url = .*$", 'pypi_json_url = "http://127.0.0.1:9/pypi"', text)
+    text = re.sub(r"(?m)^supported = .*$", 'supported = "==0.30.7"', text)
+    toml.write_text(text)
+    cached = REPO_ROOT / ".cache" / "upstream" / "sdists"
+    sdists = project_copy / ".cache" / "upstream" / "sdists"
+    sdists.mkdir(parents=True)
+    for name in ("index.json", "mlx_lm-0.30.7.tar.gz"):
+        shutil.copy(cached / name, sdists / name)
+    result = run_cli(["--ref", "v0.30.7", "--no-install"], project_copy, script="setup-repo")
+    assert result.returncode == 0, result.stderr
+    assert "unreachable" in result.stdout and "(pypi)" in result.stdout
+    mirror = project_copy / ".cache" / "upstream" / "pypi-mirror"
+    # the same release gives the same commit as the test stand-in built elsewhere
+    assert gitutil.rev(mirror, "v0.30.7") == gitutil.rev(stand_in_upstream, "v0.30.7")
+    repo = project_copy / "mlx-lm-repo"
+    assert gitutil.rev(repo, "v0.30.7") == gitutil.rev(stand_in_upstream, "v0.30.7")
