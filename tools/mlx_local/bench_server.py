@@ -10,13 +10,12 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .service.process import wait_healthy
 
 START_TIMEOUT = 300.0
 STOP_GRACE = 30.0
@@ -107,19 +106,11 @@ class BenchServer:
         self.stop()
 
     def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-1500:]
-                raise UserError(f"the server exited before answering; log tail:\n{tail}")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.2)
-        raise UserError(f"the server did not answer /health within {START_TIMEOUT:.0f}s")
+        if not wait_healthy(
+            "127.0.0.1", self.port, START_TIMEOUT, lambda: self.process.poll() is None, 0.2
+        ):
+            tail = self.log_path.read_text(errors="replace")[-1500:]
+            raise UserError(f"the server did not answer /health; log tail:\n{tail}")
 
     def peak_rss(self) -> int | None:
         """Peak resident memory of the server process so far."""
