@@ -158,3 +158,13 @@ def test_cli_config_check_reports_every_problem_and_fails(tmp_path: Path) -> Non
     assert "kv_bits = 5 is not allowed; allowed: one of 2, 3, 4, 6, 8" in result.stderr
     assert "port = 70000 is not allowed; allowed: an integer from 1 to 65535" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_config_path_is_the_file_even_with_path_keys(proj: Project) -> None:
+    """Path-valued keys are resolved against the project without replacing the file's path."""
+    path = proj.root / "config.toml"
+    path.write_text('model = "tiny"\nprompt_cache_dir = "pc"\nadapter_path = "ad"\n')
+    cfg = config.load(proj)
+    assert cfg.path == path
+    assert cfg.options["prompt_cache_dir"] == str(proj.root / "pc")
+    assert cfg.options["adapter_path"] == str(proj.root / "ad")

@@ -331,8 +331,8 @@ def load(project: Project, path: Path | None = None) -> Config:
     options = {k: v for k, v in data.items() if k != "service"}
     for key in PATH_KEYS:
         if isinstance(options.get(key), str):
-            path = Path(os.path.expanduser(options[key]))
-            options[key] = str(path if path.is_absolute() else project.root / path)
+            value = Path(os.path.expanduser(options[key]))
+            options[key] = str(value if value.is_absolute() else project.root / value)
     return Config(path=path, options=options, service=settings)
 
 
