@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_local import config
+from mlx_local import atomic, config
 from mlx_local.errors import UserError
 from mlx_local.project import Project
 from tests.helpers import REPO_ROOT, run_cli
@@ -126,7 +126,7 @@ def test_write_atomic_replaces_whole_file_and_keeps_mode(tmp_path: Path) -> None
     target = tmp_path / "c.toml"
     target.write_text("old")
     target.chmod(0o640)
-    config.write_atomic(target, "new contents\n")
+    atomic.write_atomic(target, "new contents\n")
     assert target.read_text() == "new contents\n"
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
     assert os.listdir(tmp_path) == ["c.toml"]  # no temporary file left behind

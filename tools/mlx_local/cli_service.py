@@ -15,6 +15,7 @@ from rich.table import Table
 
 from . import config as config_mod
 from . import project
+from .atomic import write_atomic
 from .errors import UserError
 from .service import command, control, install, logs, process, serve
 
@@ -113,7 +114,7 @@ def _config_init(args: argparse.Namespace) -> int:
     if proj.user_config_file.exists() and not args.force:
         raise UserError(f"{proj.user_config_file} already exists; use --force to reset it")
     defaults = config_mod.defaults_file(proj).read_text("utf-8")
-    config_mod.write_atomic(proj.user_config_file, defaults)
+    write_atomic(proj.user_config_file, defaults, new_mode=0o600)
     console.print(f"wrote {proj.user_config_file}", highlight=False)
     return 0
 

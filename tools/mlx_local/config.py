@@ -14,14 +14,13 @@ import difflib
 import json
 import os
 import re
-import shutil
-import tempfile
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_atomic
 from .errors import UserError
 from .project import Project
 
@@ -304,7 +303,9 @@ def ensure_user_config(project: Project) -> bool:
     """Create config.toml from the defaults if it does not exist; True when created."""
     if project.user_config_file.exists():
         return False
-    write_atomic(project.user_config_file, defaults_file(project).read_text("utf-8"))
+    write_atomic(
+        project.user_config_file, defaults_file(project).read_text("utf-8"), new_mode=0o600
+    )
     return True
 
 
@@ -334,20 +335,3 @@ def load(project: Project, path: Path | None = None) -> Config:
             value = Path(os.path.expanduser(options[key]))
             options[key] = str(value if value.is_absolute() else project.root / value)
     return Config(path=path, options=options, service=settings)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so readers see the old or the new file, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if path.exists():
-            shutil.copymode(path, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -12,6 +12,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
 
 from . import gitutil
+from .atomic import write_atomic
 from .errors import UserError
 
 FORMAT_PATCH_OPTIONS = (
@@ -94,13 +95,6 @@ class Series:
     def save(self, path: Path) -> None:
         """Write the series atomically."""
         write_atomic(path, self.text())
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one rename."""
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text)
-    temp.replace(path)
 
 
 # ---- patch files -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from . import checkout, gitutil, patchqueue, upstream
+from .atomic import write_atomic
 from .errors import UserError
 from .project import Project, runtime_python
 
@@ -53,7 +54,7 @@ class UpdateState:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        patchqueue.write_atomic(path, json.dumps(asdict(self), indent=2))
+        write_atomic(path, json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> UpdateState | None:
@@ -180,7 +181,7 @@ def add_applied_upstream(patch: Path, tag: str) -> None:
     if f"Applied-Upstream: {tag}" in text:
         return
     head, sep, rest = text.partition("\n---\n")
-    patchqueue.write_atomic(patch, f"{head.rstrip()}\nApplied-Upstream: {tag}{sep}{rest}")
+    write_atomic(patch, f"{head.rstrip()}\nApplied-Upstream: {tag}{sep}{rest}")
 
 
 # ---- the steps -------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from . import gitutil
+from .atomic import write_atomic
 from .errors import UserError
 
 SOURCES = ("auto", "git", "pypi")
@@ -72,9 +73,7 @@ def write_pin(path: Path, tag: str) -> None:
     new_text, count = re.subn(r'(?m)^pin\s*=\s*"[^"]*"', f'pin = "{tag}"', text)
     if count != 1:
         raise UserError(f'{path} has no single `pin = "..."` line to update')
-    temp = path.with_suffix(".toml.tmp")
-    temp.write_text(new_text)
-    temp.replace(path)
+    write_atomic(path, new_text)
 
 
 def tag_version(tag: str) -> Version | None:
@@ -242,10 +241,7 @@ def cached_index(path: Path) -> list[Release]:
 
 def save_index(path: Path, releases: list[Release]) -> None:
     """Save the release index atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_suffix(".tmp")
-    temp.write_text(json.dumps([r.__dict__ for r in releases], indent=1))
-    temp.replace(path)
+    write_atomic(path, json.dumps([r.__dict__ for r in releases], indent=1))
 
 
 def download_sdist(release: Release, cache: Path) -> Path:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..config import Config, write_atomic
+from ..atomic import write_atomic
+from ..config import Config
 from ..errors import UserError
 from ..project import Project
 from . import launchd, systemd

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..config import write_atomic
+from ..atomic import write_atomic
 
 SERVER_MARKERS = ("mlx_lm.server", "mlx_local.cli serve", "mlx_local serve")
 
