@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from packaging.specifiers import SpecifierSet
 
-from mlx_local import upstream
-from mlx_local.demo_model import build_demo_model
+from mlx_local.models.demo_model import build_demo_model
+from mlx_local.repo import upstream
 from tests.helpers import REPO_ROOT, run_cli
 
 STAND_IN_TAGS = ["v0.30.7", "v0.31.0", "v0.31.3", "v0.32.2"]

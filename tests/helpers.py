@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -12,17 +10,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from mlx_local.processes import free_port, terminate
 from mlx_local.service.process import wait_healthy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
@@ -57,14 +49,10 @@ def running_server(
 
 
 def stop_process(process: subprocess.Popen, grace: float = 15) -> None:
-    """Stop a process group started with start_new_session: SIGTERM, then SIGKILL."""
+    """Stop a process started with start_new_session: SIGTERM, then SIGKILL; reap it."""
     if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        terminate(process.pid, grace)
+        process.wait()
 
 
 def run_cli(

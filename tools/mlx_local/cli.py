@@ -1,4 +1,4 @@
-"""The `mlx-local` command line: parse, call, render. Logic lives in the other modules."""
+"""The `mlx-local` entry point: registers each part's commands, runs one, renders errors."""
 
 from __future__ import annotations
 
@@ -7,22 +7,25 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from rich.console import Console
 from rich.markup import escape
 
+from .bench import cli as bench_cli
+from .console import err_console
 from .errors import UserError
-
-console = Console()
-err_console = Console(stderr=True)
+from .models import cli as models_cli
+from .repo import cli as repo_cli
+from .service import cli as service_cli
 
 Handler = Callable[[argparse.Namespace], int | None]
 
 
-def _command_groups() -> list[Callable[[argparse._SubParsersAction], None]]:
-    """Every area's `register(subparsers)`; the only place that knows which commands exist."""
-    from . import cli_bench, cli_models, cli_repo, cli_service
-
-    return [cli_repo.register, cli_models.register, cli_service.register, cli_bench.register]
+COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
+    repo_cli.register,
+    models_cli.register,
+    service_cli.register,
+    bench_cli.register,
+]
+"""Every part's `register(subparsers)`: the only place that knows which commands exist."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--verbose", action="store_true", help="show tracebacks and details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for register in _command_groups():
+    for register in COMMAND_GROUPS:
         register(sub)
     return parser
 

@@ -13,8 +13,8 @@ from typing import Literal
 
 from ..config import API_KEY_ENV, SERVER_KEYS, Config
 from ..errors import UserError
-from ..model_source import HUB_ID
-from ..models import model_folders
+from ..models.listing import model_folders
+from ..models.source import HUB_ID
 from ..project import Project
 
 ModelKind = Literal["local", "path", "hub"]

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import processes
 from ..config import Config
 from ..errors import UserError
 from ..project import PYTHON_ENV, ROOT_ENV, Project
@@ -82,7 +83,7 @@ def start(
     pid_file = process.PidFile(project.state_dir)
     record = pid_file.read()
     if record is not None:
-        if process.is_server(process.process_info(record.pid)):
+        if process.is_server(processes.process_info(record.pid)):
             return Outcome("already-running", "process", record.pid, url)
         pid_file.remove()
     check_port(config)
@@ -108,7 +109,7 @@ def start(
     if process.wait_healthy(config.host, config.port, config.service.start_timeout, alive):
         return Outcome("started", "process", child.pid, url, tuple(server.warnings))
     if child.poll() is None:
-        process.terminate(child.pid, config.service.stop_timeout)
+        processes.terminate(child.pid, config.service.stop_timeout)
         message = f"the server did not answer /health within {config.service.start_timeout:g}s"
     else:
         message = f"the server exited during startup (exit code {child.returncode})"
@@ -130,10 +131,10 @@ def stop(project: Project, config: Config) -> Outcome:
     record = pid_file.read()
     if record is None:
         return Outcome("not-running", "process")
-    if not process.is_server(process.process_info(record.pid)):
+    if not process.is_server(processes.process_info(record.pid)):
         pid_file.remove()
         return Outcome("stale-removed", "process", record.pid)
-    how = process.terminate(record.pid, config.service.stop_timeout)
+    how = processes.terminate(record.pid, config.service.stop_timeout)
     pid_file.remove()
     return Outcome("killed" if how == "killed" else "stopped", "process", record.pid)
 
@@ -181,7 +182,7 @@ def status(project: Project, config: Config) -> Status:
         detail = f"{active}/{data.get('SubState', '')} result={data.get('Result', '')}"
     elif record is not None:
         pid = record.pid
-        alive = process.is_server(process.process_info(pid))
+        alive = process.is_server(processes.process_info(pid))
         state = "running" if alive else "crashed"
         if not alive:
             detail = f"process {pid} is gone but its pid file {pid_file.path} remains (stale)"
@@ -193,7 +194,7 @@ def status(project: Project, config: Config) -> Status:
     manager = kind or ("process" if record is not None or not is_healthy else "foreground")
     if state == "running" and not is_healthy:
         state = "starting"
-    info = process.process_info(pid) if pid else None
+    info = processes.process_info(pid) if pid else None
     return Status(
         state=state,
         manager=manager,

@@ -1,12 +1,9 @@
-"""Background server process control: pid file, liveness, health, graceful stop, port checks."""
+"""Background server process: pid file, server check, health, port checks, detached spawn."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
-import os
-import signal
 import socket
 import subprocess
 import time
@@ -17,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..atomic import write_atomic
+from ..processes import ProcInfo
 
 SERVER_MARKERS = ("mlx_lm.server", "mlx_local.cli serve", "mlx_local serve")
 
@@ -60,43 +58,6 @@ class PidFile:
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
         self.record_path.unlink(missing_ok=True)
-
-
-@dataclass(frozen=True)
-class ProcInfo:
-    """What `ps` says about a live process."""
-
-    pid: int
-    rss_bytes: int
-    uptime_seconds: int
-    command: str
-
-
-def _parse_etime(text: str) -> int:
-    """Seconds of a `ps` etime value: [[dd-]hh:]mm:ss."""
-    days, _, rest = text.rpartition("-")
-    parts = [int(p) for p in rest.split(":")]
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    hours, minutes, seconds = parts
-    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
-
-
-def process_info(pid: int) -> ProcInfo | None:
-    """RSS, uptime and command line of `pid`, or None if it is gone (zombies count as gone)."""
-    try:
-        out = subprocess.run(
-            ["ps", "-ww", "-o", "stat=,rss=,etime=,command=", "-p", str(pid)],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    fields = out.split(None, 3)
-    if len(fields) < 4 or fields[0].startswith("Z"):
-        return None
-    return ProcInfo(pid, int(fields[1]) * 1024, _parse_etime(fields[2]), fields[3])
 
 
 def is_server(info: ProcInfo | None) -> bool:
@@ -167,30 +128,3 @@ def spawn(argv: list[str], env: dict[str, str], cwd: Path, output: Path) -> subp
             stderr=out,
             start_new_session=True,
         )
-
-
-def _alive(pid: int) -> bool:
-    return process_info(pid) is not None
-
-
-def terminate(pid: int, timeout: float, poll: float = 0.1) -> str:
-    """Stop `pid` gracefully: SIGTERM, then SIGKILL (its whole group) after `timeout` seconds.
-
-    Returns "terminated", "killed" or "gone" (it had already exited).
-    """
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return "gone"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return "terminated"
-        time.sleep(poll)
-    for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            kill()
-    deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(poll)
-    return "killed"

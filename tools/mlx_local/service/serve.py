@@ -57,7 +57,7 @@ def hub_status(repo_id: str) -> str:
 
 def demo_model(project: Project) -> Model:
     """The demo model under local-models/, built first if it is not there yet."""
-    from .. import demo_model as demo
+    from ..models import demo_model as demo
 
     path = project.models_dir / demo.DEFAULT_NAME
     if not (path / "config.json").is_file():

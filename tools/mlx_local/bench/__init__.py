@@ -1,0 +1,1 @@
+"""Benchmarks: the patched server against upstream's, side by side in one run."""

@@ -1,0 +1,1 @@
+"""Models in local-models/: sources, conversion, manifests, listing, the demo model."""

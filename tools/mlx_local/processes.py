@@ -1,0 +1,82 @@
+"""Processes the tools start: free ports, what `ps` says, and the one way to stop a process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    """What `ps` says about a live process."""
+
+    pid: int
+    rss_bytes: int
+    uptime_seconds: int
+    command: str
+
+
+def _parse_etime(text: str) -> int:
+    """Seconds of a `ps` etime value: [[dd-]hh:]mm:ss."""
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    hours, minutes, seconds = parts
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def process_info(pid: int) -> ProcInfo | None:
+    """RSS, uptime and command line of `pid`, or None if it is gone (zombies count as gone)."""
+    try:
+        out = subprocess.run(
+            ["ps", "-ww", "-o", "stat=,rss=,etime=,command=", "-p", str(pid)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    fields = out.split(None, 3)
+    if len(fields) < 4 or fields[0].startswith("Z"):
+        return None
+    return ProcInfo(pid, int(fields[1]) * 1024, _parse_etime(fields[2]), fields[3])
+
+
+def _alive(pid: int) -> bool:
+    return process_info(pid) is not None
+
+
+def terminate(pid: int, timeout: float, poll: float = 0.1) -> str:
+    """Stop `pid` gracefully: SIGTERM, then SIGKILL (its whole group) after `timeout` seconds.
+
+    Returns "terminated", "killed" or "gone" (it had already exited).
+    """
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return "gone"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return "terminated"
+        time.sleep(poll)
+    for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            kill()
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(poll)
+    return "killed"

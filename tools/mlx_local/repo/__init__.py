@@ -1,0 +1,1 @@
+"""The patched checkout: upstream source, mlx-lm-repo/, the patch queue, updates."""

@@ -1,0 +1,45 @@
+"""Absorbed patches: whether upstream already provides a patch's options, and since when."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from ..atomic import write_atomic
+from . import gitutil
+
+
+def provided_upstream(repo: Path, rev: str, provides: tuple[str, ...]) -> bool:
+    """Whether the unpatched server at `rev` already defines every option in `provides`."""
+    if not provides:
+        return False
+    source = gitutil.git(repo, "show", f"{rev}:mlx_lm/server.py", check=False).stdout
+    return all(re.search(rf"""["']{re.escape(option)}["']""", source) for option in provides)
+
+
+def first_release_providing(
+    repo: Path, releases: list[list[str]], provides: tuple[str, ...]
+) -> str | None:
+    """The oldest of `releases` ([tag, commit], oldest first) whose server has `provides`."""
+    for tag, commit in releases:
+        if provided_upstream(repo, commit, provides):
+            return tag
+    return None
+
+
+def guard_below(guard: SpecifierSet | None, version: Version) -> SpecifierSet:
+    """`guard` narrowed so it stops admitting `version` and later releases."""
+    extra = SpecifierSet(f"<{version}")
+    return extra if guard is None else guard & extra
+
+
+def add_applied_upstream(patch: Path, tag: str) -> None:
+    """Add `Applied-Upstream: tag` to the trailers of a patch file's commit message."""
+    text = patch.read_text()
+    if f"Applied-Upstream: {tag}" in text:
+        return
+    head, sep, rest = text.partition("\n---\n")
+    write_atomic(patch, f"{head.rstrip()}\nApplied-Upstream: {tag}{sep}{rest}")
