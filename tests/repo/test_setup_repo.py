@@ -176,6 +176,35 @@ def test_guards_choose_the_patches_for_each_base(
     assert result.returncode == 1 and "0099-broken.patch" in result.stderr
 
 
+def test_a_patch_upstream_already_provides_is_absorbed_whatever_its_guard(
+    project_copy: Path, stand_in_upstream: Path
+) -> None:
+    # v0.31.0 is a real upstream tag that already has --prompt-cache-size, but the shipped
+    # guard of 0001 (<0.31.1, dated from PyPI where 0.31.0 is yanked) still admits it.
+    entry = patchqueue.Series.load(project_copy / "patches" / "series").find(
+        "0001-server-prompt-cache-size.patch"
+    )
+    assert entry is not None and entry.admits(upstream.tag_version("v0.31.0"))
+    result = setup_repo(project_copy, stand_in_upstream, "--ref", "v0.31.0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"0001-server-prompt-cache-size\.patch\s*│\s*absorbed", result.stdout)
+    repo = project_copy / "mlx-lm-repo"
+    subjects = gitutil.out(repo, "log", "--format=%s", "v0.31.0..HEAD").splitlines()
+    assert not any("prompt-cache-size" in s for s in subjects) and len(subjects) >= 3
+    listing = run_cli(["patches", "list"], project_copy, env={"COLUMNS": "200"})
+    assert re.search(r"0001-server-prompt-cache-size\.patch.*absorbed upstream", listing.stdout)
+
+
+def test_update_upstream_uses_the_upstream_setup_repo_used(
+    project_copy: Path, stand_in_upstream: Path
+) -> None:
+    assert setup_repo(project_copy, stand_in_upstream, "--ref", "v0.31.3").returncode == 0
+    result = run_cli(["--dry-run"], project_copy, script="update-upstream")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"updating from the upstream setup-repo used: {stand_in_upstream}" in result.stdout
+    assert "v0.31.3 → " in result.stdout
+
+
 def test_unknown_release_is_a_clear_error(project_copy: Path, stand_in_upstream: Path) -> None:
     result = setup_repo(project_copy, stand_in_upstream, "--ref", "v9.9.9")
     assert result.returncode == 1

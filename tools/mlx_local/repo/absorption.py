@@ -9,7 +9,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from ..atomic import write_atomic
-from . import gitutil
+from . import gitutil, patchqueue
 
 
 def provided_upstream(repo: Path, rev: str, provides: tuple[str, ...]) -> bool:
@@ -18,6 +18,19 @@ def provided_upstream(repo: Path, rev: str, provides: tuple[str, ...]) -> bool:
         return False
     source = gitutil.git(repo, "show", f"{rev}:mlx_lm/server.py", check=False).stdout
     return all(re.search(rf"""["']{re.escape(option)}["']""", source) for option in provides)
+
+
+def absorbed_at(
+    repo: Path, rev: str, patches_dir: Path, entries: list[patchqueue.SeriesEntry]
+) -> dict[str, tuple[str, ...]]:
+    """The entries whose every `Provides:` item the unpatched server at `rev` already has
+    (name -> provides): absorbed, to be skipped whatever their guard says."""
+    absorbed = {}
+    for entry in entries:
+        provides = patchqueue.read_patch(patches_dir / entry.name).provides
+        if provided_upstream(repo, rev, provides):
+            absorbed[entry.name] = provides
+    return absorbed
 
 
 def first_release_providing(

@@ -13,6 +13,8 @@ from . import gitutil, patchqueue, upstream
 
 BRANCH = "mlx-local"
 BASE_KEY = "mlx-local.base"
+SOURCE_KEY = "mlx-local.source"
+UPSTREAM_KEY = "mlx-local.upstream"
 BACKUP_PREFIX = "refs/mlx-local/backup"
 EXCLUDES = ("*.egg-info/", "__pycache__/", "build/", ".mlx-local-*")
 
@@ -35,6 +37,22 @@ def checkout_base(repo: Path) -> str | None:
         return None
     result = gitutil.git(repo, "config", "--get", BASE_KEY, check=False)
     return result.stdout.strip() or None
+
+
+def record_upstream(repo: Path, source: str, upstream_url: str | None) -> None:
+    """Remember where the checkout's upstream came from, for the next update-upstream."""
+    gitutil.git(repo, "config", SOURCE_KEY, source)
+    if upstream_url:
+        gitutil.git(repo, "config", UPSTREAM_KEY, upstream_url)
+    else:
+        gitutil.git(repo, "config", "--unset-all", UPSTREAM_KEY, check=False)
+
+
+def recorded_upstream(repo: Path) -> tuple[str, str | None]:
+    """(source, upstream URL or None) as setup-repo or the last update recorded them."""
+    source = gitutil.out(repo, "config", "--get", SOURCE_KEY, check=False) or "auto"
+    url = gitutil.out(repo, "config", "--get", UPSTREAM_KEY, check=False) or None
+    return source, url
 
 
 def require_checkout(project: Project) -> tuple[Path, str]:

@@ -56,8 +56,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dry-run", action="store_true", help="report what would happen, change nothing"
     )
     upd.add_argument("--pre", action="store_true", help="consider pre-releases for the newest")
-    upd.add_argument("--source", choices=SOURCES, default="auto", help="where upstream comes from")
-    upd.add_argument("--upstream", metavar="URL", help="git URL or path instead of upstream's")
+    upd.add_argument(
+        "--source",
+        choices=SOURCES,
+        help="where upstream comes from (default: as recorded by setup-repo, else auto)",
+    )
+    upd.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="git URL or path instead of upstream's (default: as recorded by setup-repo)",
+    )
     upd.add_argument("--no-install", action="store_true", help="do not reinstall the checkout")
     modes = upd.add_mutually_exclusive_group()
     modes.add_argument(
@@ -104,13 +112,15 @@ def run_setup_repo(args: argparse.Namespace) -> int:
             backend=args.backend,
         )
     for note in report.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     table = Table(title=f"mlx-lm {report.base} + patch queue ({report.source})")
     table.add_column("patch")
     table.add_column("result")
     for outcome in report.applied:
         style = OUTCOME_STYLE.get(outcome.result, "")
         table.add_row(outcome.name, f"[{style}]{outcome.result}[/]")
+    for name, provides in report.absorbed.items():
+        table.add_row(name, f"[cyan]absorbed[/] (upstream provides {' '.join(provides)})")
     for name in report.skipped:
         table.add_row(name, "[dim]not for this base (guard)[/]")
     console.print(table)
@@ -195,7 +205,7 @@ def run_update_upstream(args: argparse.Namespace) -> int:
 
 def _print_update(report: UpdateReport) -> None:
     for note in report.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     if report.status == "up-to-date":
         console.print(f"already on the newest release {report.new_base}: nothing to do")
         return

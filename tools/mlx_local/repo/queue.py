@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..project import Project
 from . import gitutil, patchqueue, upstream
+from .absorption import provided_upstream
 from .checkout import BRANCH, PatchFailed, build_patched, checkout_base, require_checkout
 
 
@@ -19,7 +20,9 @@ class PatchStatus:
     name: str
     guard: str
     provides: tuple[str, ...]
-    state: str  # applied / not for this base / applies / conflicts / no checkout
+    state: (
+        str  # applied / absorbed upstream / not for this base / applies / conflicts / no checkout
+    )
 
 
 def queue_status(project: Project) -> tuple[str | None, list[PatchStatus]]:
@@ -40,6 +43,8 @@ def queue_status(project: Project) -> tuple[str | None, list[PatchStatus]]:
             state = "not for this base"
         elif info.subject in subjects:
             state = "applied"
+        elif provided_upstream(repo, f"refs/tags/{base}", info.provides):
+            state = "absorbed upstream"
         else:
             state = "applies" if applies_on_branch(project, repo, entry) else "conflicts"
         statuses.append(PatchStatus(entry.name, str(entry.guard or ""), info.provides, state))

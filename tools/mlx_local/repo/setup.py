@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 from ..project import Project, runtime_python
 from . import gitutil, patchqueue, upstream
+from .absorption import absorbed_at
 from .checkout import (
     BASE_KEY,
     build_patched,
@@ -15,6 +16,7 @@ from .checkout import (
     init_checkout,
     move_branch,
     provided_options,
+    record_upstream,
     refuse_dirty,
 )
 from .install import install_editable, is_installed_from, verify_server_options
@@ -29,6 +31,7 @@ class SetupReport:
     source: str
     applied: list[patchqueue.ApplyOutcome]
     skipped: list[str]
+    absorbed: dict[str, tuple[str, ...]]
     branch_changed: bool
     installed: bool
     provides: list[str]
@@ -65,13 +68,17 @@ def setup(
             )
             fetch_release(repo, remote, tag)
         active = series.active(version)
-        head, outcomes = build_patched(project, repo, tag, active)
+        absorbed = absorbed_at(repo, f"refs/tags/{tag}", project.patches_dir, active)
+        to_apply = [entry for entry in active if entry.name not in absorbed]
+        head, outcomes = build_patched(project, repo, tag, to_apply)
     except BaseException:
         if created:
             shutil.rmtree(repo, ignore_errors=True)
         raise
     changed, backup = move_branch(repo, head, "setup")
     gitutil.git(repo, "config", BASE_KEY, tag)
+    if remote.source != "local tag":
+        record_upstream(repo, source, upstream_url)
     provides = provided_options(project.patches_dir, active)
     python = runtime_python()
     installed = False
@@ -86,6 +93,7 @@ def setup(
         source=remote.source,
         applied=outcomes,
         skipped=[e.name for e in series.entries if not e.admits(version)],
+        absorbed=absorbed,
         branch_changed=changed,
         installed=installed,
         provides=provides,

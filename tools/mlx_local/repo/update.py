@@ -122,11 +122,12 @@ def start(
     to: str | None = None,
     dry_run: bool = False,
     include_pre: bool = False,
-    source: str = "auto",
+    source: str | None = None,
     upstream_url: str | None = None,
     install: bool = True,
 ) -> UpdateReport:
-    """Begin an update (or a dry run of one) to `to` or the newest release."""
+    """Begin an update (or a dry run of one) to `to` or the newest release, from the upstream
+    the checkout was set up from unless `source` or `upstream_url` say otherwise."""
     if UpdateState.load(state_path(project)):
         raise UserError(
             "an update is already in progress; finish it with `update-upstream --continue` "
@@ -135,10 +136,17 @@ def start(
     repo, old_base = checkout.require_checkout(project)
     checkout.refuse_dirty(repo)
     refuse_unexported(project, repo, old_base)
+    recorded = source is None and upstream_url is None
+    if recorded:
+        source, upstream_url = checkout.recorded_upstream(repo)
+    source = source or "auto"
     settings = upstream.UpstreamSettings.load(project.upstream_file)
     remote = upstream.resolve_remote(
         settings, project.cache_dir, source, upstream_url, wanted=[to] if to else [], refresh=True
     )
+    if recorded and (upstream_url or source != "auto"):
+        where = upstream_url or f"--source {source}"
+        remote.notes.append(f"updating from the upstream setup-repo used: {where}")
     target = choose_target(remote, old_base, to, include_pre)
     old_head = gitutil.rev(repo, f"refs/heads/{checkout.BRANCH}")
     if target == old_base:
@@ -151,6 +159,7 @@ def start(
     if dry_run:
         return dry_run_update(project, repo, old_base, target, releases, todo, remote)
     checkout.fetch_release(repo, remote, target)
+    checkout.record_upstream(repo, source, upstream_url)
     backup = checkout.backup_ref_name("update")
     gitutil.git(repo, "update-ref", backup, old_head)
     snapshot = snapshot_dir(project)
