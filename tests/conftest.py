@@ -17,7 +17,11 @@ from mlx_local.models.demo_model import build_demo_model
 from mlx_local.repo import upstream
 from tests.helpers import REPO_ROOT, run_cli
 
-STAND_IN_TAGS = ["v0.30.7", "v0.31.0", "v0.31.3", "v0.32.2"]
+PIN = upstream.UpstreamSettings.load(REPO_ROOT / "patches" / "upstream.toml").pin
+"""The release `make run` installs: the suite's main runtime, wherever update-upstream moves it."""
+OLD_BASES = ["v0.30.7", "v0.31.0", "v0.31.3"]
+"""Older supported releases the stand-in upstream also carries (the oldest, and around guards)."""
+STAND_IN_TAGS = sorted({*OLD_BASES, PIN}, key=upstream.tag_version)
 TEST_CACHE = REPO_ROOT / ".cache" / "tests"
 
 
@@ -29,8 +33,8 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def stand_in_upstream() -> Path:
-    """A git repository built from mlx-lm's PyPI sdists: one commit per release, tags
-    v0.30.7, v0.31.0, v0.31.3, v0.32.2. Cached between runs in .cache/ (git-ignored)."""
+    """A git repository built from mlx-lm's PyPI sdists: one commit per release, tagged
+    (STAND_IN_TAGS: the old bases and the pin). Cached between runs in .cache/ (git-ignored)."""
     settings = upstream.UpstreamSettings.load(REPO_ROOT / "patches" / "upstream.toml")
     only_wanted = dataclasses.replace(settings, supported=SpecifierSet("==0.0.0"))
     return upstream.build_pypi_mirror(
@@ -58,7 +62,7 @@ def project_copy(tmp_path: Path) -> Path:
 
 @dataclass(frozen=True)
 class PatchedRuntime:
-    """A project set up at v0.30.7 and a venv whose mlx_lm is that checkout."""
+    """A project set up at the pin and a venv whose mlx_lm is that checkout."""
 
     root: Path
     python: Path
@@ -73,8 +77,8 @@ class PatchedRuntime:
 def patched_runtime(
     tmp_path_factory: pytest.TempPathFactory, stand_in_upstream: Path
 ) -> PatchedRuntime:
-    """setup-repo for real: the stand-in upstream at v0.30.7, every patch of patches/series,
-    installed editable (with mlx[cpu]) into a new venv."""
+    """setup-repo for real: the stand-in upstream at the pin (what `make run` installs), the
+    patches of patches/series that admit it, installed editable (with mlx[cpu]) into a new venv."""
     base = tmp_path_factory.mktemp("runtime")
     root = make_project(base / "project")
     venv = base / "venv"
@@ -82,7 +86,7 @@ def patched_runtime(
     python = venv / "bin" / "python"
     runtime = PatchedRuntime(root, python)
     result = run_cli(
-        ["--upstream", str(stand_in_upstream), "--source", "git", "--ref", "v0.30.7"],
+        ["--upstream", str(stand_in_upstream), "--source", "git", "--ref", PIN],
         root,
         env={"MLX_LOCAL_PYTHON": str(python)},
         script="setup-repo",

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlx_local.repo import patchqueue
+from tests.conftest import PIN
 from tests.helpers import run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -42,7 +43,7 @@ def test_bench_quick_writes_json_and_png(patched_runtime, demo_model, tmp_path):
     assert "Time to first token" in result.stdout
 
     data = json.loads((out / "bench.json").read_text())
-    assert data["meta"]["quick"] is True and data["meta"]["base"] == "v0.30.7"
+    assert data["meta"]["quick"] is True and data["meta"]["base"] == PIN
     assert set(data["ttft"]) == {"upstream", "patched"}
     for rows in data["ttft"].values():
         assert set(rows) == {"64", "128"}

@@ -21,8 +21,10 @@ PREFILL_CHUNK = 512
 
 
 def state_bytes(cache: list) -> int:
-    """Bytes of the arrays a prompt cache holds for its tokens (what it keeps and saves)."""
-    return sum(a.nbytes for c in cache for _, a in tree_flatten(c.state))
+    """Bytes of the arrays a prompt cache holds for its tokens (what it keeps and saves).
+    Since mlx-lm 0.32 a cache's state also carries plain ints (offset, bits): skip them."""
+    arrays = (a for c in cache for _, a in tree_flatten(c.state))
+    return sum(a.nbytes for a in arrays if isinstance(a, mx.array))
 
 
 def group_size_for(model, wanted: int) -> int:
