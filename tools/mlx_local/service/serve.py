@@ -17,7 +17,7 @@ from pathlib import Path
 from ..config import Config
 from ..errors import UserError
 from ..project import Project
-from . import logs, process
+from . import exposure, logs, process
 from .command import Model, ServerCommand, build_command, resolve_model
 
 HUB_TIMEOUT = 5.0
@@ -85,8 +85,8 @@ def plan(
 ) -> Plan:
     """Check everything a server start needs and build its command line."""
     check_runtime(project, python)
+    warnings = exposure.check(config)
     model = resolve_model(model_override or config.model, project)
-    warnings = []
     if model.kind == "hub":
         status = hub_status(model.spec)
         if status == "missing":
