@@ -5,6 +5,7 @@ by others."""
 from __future__ import annotations
 
 import ipaddress
+import shlex
 import socket
 import stat
 import tomllib
@@ -45,7 +46,7 @@ def key_file_warning(config: Config) -> str | None:
         return None
     return (
         f"{config.path} holds api_key but others may read it (mode {mode:04o}); "
-        f"run: chmod 600 '{config.path}'"
+        f"run: chmod 600 {shlex.quote(str(config.path))}"
     )
 
 

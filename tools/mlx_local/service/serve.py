@@ -84,8 +84,8 @@ def plan(
     fallback_demo: bool = False,
 ) -> Plan:
     """Check everything a server start needs and build its command line."""
-    check_runtime(project, python)
     warnings = exposure.check(config)
+    check_runtime(project, python)
     model = resolve_model(model_override or config.model, project)
     if model.kind == "hub":
         status = hub_status(model.spec)
