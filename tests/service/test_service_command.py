@@ -19,6 +19,8 @@ EVERY_KEY = """
 model = "tiny"
 host = "0.0.0.0"
 port = 9100
+allowed_origins = ["http://localhost:*", "https://app.example"]
+allowed_hosts = ["mymac.local", "[fe80::1]"]
 served_model_name = "my-id"
 max_tokens = 64
 prompt_cache_size = 1
@@ -49,6 +51,8 @@ enable_thinking = false
 EXPECTED = [
     ("--host", "0.0.0.0"),
     ("--port", "9100"),
+    ("--allowed-origins", "http://localhost:*,https://app.example"),
+    ("--allowed-hosts", "mymac.local,[fe80::1]"),
     ("--served-model-name", "my-id"),
     ("--max-tokens", "64"),
     ("--prompt-cache-size", "1"),
@@ -146,7 +150,8 @@ def test_unsupported_flags_against_a_help_text(proj: Project) -> None:
         "usage: server.py [--model MODEL] [--host HOST] [--port PORT] [--max-tokens N] "
         "[--prompt-cache-dir D] [--prompt-cache-dir-bytes B]"
     )
-    assert command.unsupported_flags(cmd, help_text) == ["--served-model-name", "--kv-bits"]
+    unknown = ["--allowed-origins", "--served-model-name", "--kv-bits"]
+    assert command.unsupported_flags(cmd, help_text) == unknown
 
 
 def test_config_check_prints_the_command_line(proj: Project) -> None:

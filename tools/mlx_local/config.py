@@ -104,6 +104,23 @@ def _bool(value: Any) -> str | None:
     return None if isinstance(value, bool) else "true or false"
 
 
+def _list_of(pattern: re.Pattern[str], what: str) -> Check:
+    def check(value: Any) -> str | None:
+        items = value if isinstance(value, list) else [None]
+        if all(isinstance(v, str) and pattern.fullmatch(v) for v in items):
+            return None
+        return f"a list of {what}"
+
+    return check
+
+
+# "*", or scheme://host with an optional :port or :* (any port); hosts may be [IPv6] literals.
+_ORIGIN = re.compile(
+    r"^(\*|[a-z][a-z0-9+.-]*://(\[[0-9a-f:.]+\]|[a-z0-9_.-]+)(:(\d+|\*))?)$", re.IGNORECASE
+)
+_HOST_NAME = re.compile(r"^(\*|\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.:-]+)$")
+
+
 def _table(value: Any) -> str | None:
     if not isinstance(value, dict):
         return "a TOML table, e.g. [chat_template_args] with enable_thinking = false"
@@ -130,6 +147,16 @@ SERVER_KEYS: dict[str, Key] = {
     ),
     "host": Key(_text(), "--host", "address to listen on"),
     "port": Key(_int(1, 65535), "--port", "TCP port"),
+    "allowed_origins": Key(
+        _list_of(_ORIGIN, 'origins like "http://localhost:*" (any port) or "*" (any page)'),
+        "--allowed-origins",
+        "web pages (by origin) that may call the server from a browser",
+    ),
+    "allowed_hosts": Key(
+        _list_of(_HOST_NAME, 'host names or addresses like "mymac.local", or "*"'),
+        "--allowed-hosts",
+        "Host header names accepted besides localhost, loopback addresses and host",
+    ),
     "served_model_name": Key(
         _text(re.compile(r"^\S+$"), "a non-empty string without spaces"),
         "--served-model-name",

@@ -285,16 +285,19 @@ def export_queue(
 def _merge_active(
     items: list[SeriesEntry | str], active_names: set[str], exported: list[SeriesEntry]
 ) -> list[SeriesEntry | str]:
-    """Put `exported` where the active entries stood (at the first one), keeping the rest."""
+    """Put `exported` in the places of the active entries, in order, and any extra (new)
+    entries after the last of them. Entries guarded out at this base and comments keep their
+    places, so a patch that only older bases apply stays before the patches built on it."""
     merged: list[SeriesEntry | str] = []
-    placed = False
+    pending = list(exported)
+    after_last_active: int | None = None
     for item in items:
         if isinstance(item, SeriesEntry) and item.name in active_names:
-            if not placed:
-                merged.extend(exported)
-                placed = True
+            if pending:
+                merged.append(pending.pop(0))
+            after_last_active = len(merged)
             continue
         merged.append(item)
-    if not placed:
-        merged.extend(exported)
+    at = len(merged) if after_last_active is None else after_last_active
+    merged[at:at] = pending
     return merged

@@ -17,7 +17,7 @@ from .. import config as config_mod
 from .. import project
 from ..atomic import write_atomic
 from ..errors import UserError
-from . import command, control, install, logs, process, serve
+from . import command, control, exposure, install, logs, process, serve
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -146,7 +146,10 @@ def _config_check(args: argparse.Namespace) -> int:
     python = project.runtime_python()
     model = command.resolve_model(cfg.model, proj)
     cmd = command.build_command(cfg, proj, python, model)
+    warnings = exposure.check(cfg)
     console.print(f"[green]ok[/] {cfg.path} is valid", highlight=False)
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if model.kind == "hub":
         console.print(f"model: hub id {model.spec} (downloaded on first start)", highlight=False)
     else:

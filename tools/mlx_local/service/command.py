@@ -79,6 +79,8 @@ def _option_args(options: dict, skip: set[str]) -> list[str]:
                 args.append(key.flag)
         elif isinstance(value, dict):
             args += [key.flag, json.dumps(value, separators=(",", ":"))]
+        elif isinstance(value, list):
+            args += [key.flag, ",".join(value)]
         else:
             args += [key.flag, str(value)]
     return args

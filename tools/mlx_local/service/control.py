@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import processes
 from ..config import Config
 from ..errors import UserError
 from ..project import PYTHON_ENV, ROOT_ENV, Project
-from . import install, launchd, logs, process, systemd
+from . import exposure, install, launchd, logs, process, systemd
 from .serve import plan
 
 LOG_LINES_ON_FAILURE = 20
@@ -79,7 +79,8 @@ def start(
         if process.healthy(config.host, config.port):
             return Outcome("already-running", kind, url=url)
         check_port(config)
-        return _service_start(kind, project, config)
+        warnings = exposure.check(config)
+        return replace(_service_start(kind, project, config), warnings=tuple(warnings))
     pid_file = process.PidFile(project.state_dir)
     record = pid_file.read()
     if record is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..config import Config
 from ..errors import UserError
 from ..project import Project
-from . import logs, process
+from . import exposure, logs, process
 from .command import Model, ServerCommand, build_command, resolve_model
 
 HUB_TIMEOUT = 5.0
@@ -84,9 +84,9 @@ def plan(
     fallback_demo: bool = False,
 ) -> Plan:
     """Check everything a server start needs and build its command line."""
+    warnings = exposure.check(config)
     check_runtime(project, python)
     model = resolve_model(model_override or config.model, project)
-    warnings = []
     if model.kind == "hub":
         status = hub_status(model.spec)
         if status == "missing":
