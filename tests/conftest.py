@@ -73,26 +73,38 @@ class PatchedRuntime:
         return {"MLX_LOCAL_HOME": str(self.root), "MLX_LOCAL_PYTHON": str(self.python)}
 
 
-@pytest.fixture(scope="session")
-def patched_runtime(
-    tmp_path_factory: pytest.TempPathFactory, stand_in_upstream: Path
-) -> PatchedRuntime:
-    """setup-repo for real: the stand-in upstream at the pin (what `make run` installs), the
-    patches of patches/series that admit it, installed editable (with mlx[cpu]) into a new venv."""
-    base = tmp_path_factory.mktemp("runtime")
+def set_up_runtime(base: Path, upstream_repo: Path, tag: str) -> PatchedRuntime:
+    """setup-repo for real into a new project and venv: the stand-in upstream at `tag`, the
+    patches of patches/series that admit it, installed editable (with mlx[cpu])."""
     root = make_project(base / "project")
     venv = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
-    runtime = PatchedRuntime(root, python)
     result = run_cli(
-        ["--upstream", str(stand_in_upstream), "--source", "git", "--ref", PIN],
+        ["--upstream", str(upstream_repo), "--source", "git", "--ref", tag],
         root,
         env={"MLX_LOCAL_PYTHON": str(python)},
         script="setup-repo",
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    return runtime
+    return PatchedRuntime(root, python)
+
+
+@pytest.fixture(scope="session")
+def patched_runtime(
+    tmp_path_factory: pytest.TempPathFactory, stand_in_upstream: Path
+) -> PatchedRuntime:
+    """The suite's main runtime: the patched checkout at the pin (what `make run` installs)."""
+    return set_up_runtime(tmp_path_factory.mktemp("runtime"), stand_in_upstream, PIN)
+
+
+@pytest.fixture(scope="session")
+def oldest_runtime(
+    tmp_path_factory: pytest.TempPathFactory, stand_in_upstream: Path
+) -> PatchedRuntime:
+    """The patched checkout at the oldest supported release, where every guarded patch
+    (0001 --prompt-cache-size, 0002 KV quantization) still applies."""
+    return set_up_runtime(tmp_path_factory.mktemp("oldest"), stand_in_upstream, OLD_BASES[0])
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,9 @@
 """Patches 0001 (--prompt-cache-size) and 0002 (KV cache quantization) on the real server.
 
-The patched server runs the demo model on CPU; what its prompt cache holds and which kind of
-KV cache it builds is read from the server's own log lines, which the patches write.
+Both are guarded (upstream provides the options since 0.31 and 0.32), so they run at the
+oldest supported release, where they apply. The patched server runs the demo model on CPU;
+what its prompt cache holds and which kind of KV cache it builds is read from the server's
+own log lines, which the patches write.
 """
 
 from __future__ import annotations
@@ -67,10 +69,10 @@ def server_args(model: Path, *options: str) -> list[str]:
 
 
 def test_prompt_cache_size_one_keeps_only_the_latest_conversation(
-    patched_runtime: PatchedRuntime, demo_model: Path
+    oldest_runtime: PatchedRuntime, demo_model: Path
 ) -> None:
     args = server_args(demo_model, "--prompt-cache-size", "1")
-    with running_server(patched_runtime.python, args) as (base_url, log_path):
+    with running_server(oldest_runtime.python, args) as (base_url, log_path):
         chat(base_url, "hello there")
         first = log_once(log_path, STORED, 1)
         assert STORED.findall(first) == [("1", "1")], first[-3000:]
@@ -82,9 +84,9 @@ def test_prompt_cache_size_one_keeps_only_the_latest_conversation(
 
 
 def test_default_prompt_cache_keeps_both_conversations(
-    patched_runtime: PatchedRuntime, demo_model: Path
+    oldest_runtime: PatchedRuntime, demo_model: Path
 ) -> None:
-    with running_server(patched_runtime.python, server_args(demo_model)) as (base_url, log_path):
+    with running_server(oldest_runtime.python, server_args(demo_model)) as (base_url, log_path):
         two_conversations(base_url)
         log = log_once(log_path, STORED, 2)
     assert STORED.findall(log) == [("1", "10"), ("2", "10")], log[-3000:]
@@ -93,11 +95,11 @@ def test_default_prompt_cache_keeps_both_conversations(
 
 
 def test_kv_bits_makes_the_caches_quantized(
-    patched_runtime: PatchedRuntime, demo_model: Path
+    oldest_runtime: PatchedRuntime, demo_model: Path
 ) -> None:
     options = ["--kv-bits", "4", "--kv-group-size", KV_GROUP, "--quantized-kv-start", "0"]
     args = server_args(demo_model, *options, "--prompt-cache-size", "2")
-    with running_server(patched_runtime.python, args) as (base_url, log_path):
+    with running_server(oldest_runtime.python, args) as (base_url, log_path):
         two_conversations(base_url)
         log = log_once(log_path, STORED, 2)
     # Every generation ends with quantized caches, and both are kept in the prompt cache.
@@ -106,10 +108,10 @@ def test_kv_bits_makes_the_caches_quantized(
 
 
 def test_quantization_waits_for_quantized_kv_start(
-    patched_runtime: PatchedRuntime, demo_model: Path
+    oldest_runtime: PatchedRuntime, demo_model: Path
 ) -> None:
     args = server_args(demo_model, "--kv-bits", "8", "--kv-group-size", KV_GROUP)
-    with running_server(patched_runtime.python, args) as (base_url, log_path):
+    with running_server(oldest_runtime.python, args) as (base_url, log_path):
         chat(base_url, "hello there")
         log = log_once(log_path, KV_LINE, 1)
     # Upstream's default start is 5000 tokens: a short chat keeps full-precision caches.
@@ -125,10 +127,10 @@ def test_quantization_waits_for_quantized_kv_start(
     ],
 )
 def test_bad_values_fail_at_start(
-    patched_runtime: PatchedRuntime, options: list[str], message: str
+    oldest_runtime: PatchedRuntime, options: list[str], message: str
 ) -> None:
     result = subprocess.run(
-        [str(patched_runtime.python), "-m", "mlx_lm.server", *options],
+        [str(oldest_runtime.python), "-m", "mlx_lm.server", *options],
         capture_output=True,
         text=True,
         timeout=120,

@@ -35,7 +35,7 @@ def settings(model: Path, out_dir: Path, quick: bool, repeats: int | None) -> Se
             decode_tokens=4,
             first_turn_tokens=2,
             interleave_prefix=64,
-            kv_contexts=[64, 128, 256],
+            kv_contexts=[64, 256, 512],
             kv_server_prefix=128,
             restart_prefix=64,
         )

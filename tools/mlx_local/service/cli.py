@@ -17,7 +17,7 @@ from .. import config as config_mod
 from .. import project
 from ..atomic import write_atomic
 from ..errors import UserError
-from . import command, control, exposure, install, logs, process, serve
+from . import command, control, exposure, install, kv_check, logs, process, serve
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -147,6 +147,7 @@ def _config_check(args: argparse.Namespace) -> int:
     model = command.resolve_model(cfg.model, proj)
     cmd = command.build_command(cfg, proj, python, model)
     warnings = exposure.check(cfg)
+    kv_check.check_group_size(cfg, model)
     console.print(f"[green]ok[/] {cfg.path} is valid", highlight=False)
     for warning in warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
@@ -168,6 +169,8 @@ def _config_check(args: argparse.Namespace) -> int:
             "patches that provide them are applied"
         )
     console.print("[green]ok[/] the installed server accepts every option", highlight=False)
+    for warning in kv_check.check(cfg, python, model):
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     return 0
 
 

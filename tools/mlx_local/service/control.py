@@ -12,7 +12,7 @@ from .. import processes
 from ..config import Config
 from ..errors import UserError
 from ..project import PYTHON_ENV, ROOT_ENV, Project
-from . import exposure, install, launchd, logs, process, systemd
+from . import install, launchd, logs, process, systemd
 from .serve import plan
 
 LOG_LINES_ON_FAILURE = 20
@@ -79,7 +79,7 @@ def start(
         if process.healthy(config.host, config.port):
             return Outcome("already-running", kind, url=url)
         check_port(config)
-        warnings = exposure.check(config)
+        warnings = plan(project, config, python).warnings
         return replace(_service_start(kind, project, config), warnings=tuple(warnings))
     pid_file = process.PidFile(project.state_dir)
     record = pid_file.read()

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..config import Config
 from ..errors import UserError
 from ..project import Project
-from . import exposure, logs, process
+from . import exposure, kv_check, logs, process
 from .command import Model, ServerCommand, build_command, resolve_model
 
 HUB_TIMEOUT = 5.0
@@ -103,6 +103,7 @@ def plan(
                 f"model {demo.path} instead (it talks gibberish)"
             )
             model = demo
+    warnings += kv_check.check(config, python, model)
     return Plan(build_command(config, project, python, model), warnings)
 
 
