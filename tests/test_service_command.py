@@ -19,6 +19,7 @@ EVERY_KEY = """
 model = "tiny"
 host = "0.0.0.0"
 port = 9100
+listen_backlog = 256
 served_model_name = "my-id"
 max_tokens = 64
 prompt_cache_size = 1
@@ -49,6 +50,7 @@ enable_thinking = false
 EXPECTED = [
     ("--host", "0.0.0.0"),
     ("--port", "9100"),
+    ("--listen-backlog", "256"),
     ("--served-model-name", "my-id"),
     ("--max-tokens", "64"),
     ("--prompt-cache-size", "1"),

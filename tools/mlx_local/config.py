@@ -130,6 +130,9 @@ SERVER_KEYS: dict[str, Key] = {
     ),
     "host": Key(_text(), "--host", "address to listen on"),
     "port": Key(_int(1, 65535), "--port", "TCP port"),
+    "listen_backlog": Key(
+        _int(1, 65535), "--listen-backlog", "connections waiting to be accepted (bursts)"
+    ),
     "served_model_name": Key(
         _text(re.compile(r"^\S+$"), "a non-empty string without spaces"),
         "--served-model-name",
