@@ -127,25 +127,32 @@ def make_requests(count: int, malformed_every: int = 10, max_tokens: int = 8) ->
     return requests
 
 
+def _completed(request: Request, body: bytes) -> bool:
+    """Whether a 200 `body` holds a finished completion (a stream: chunks, then [DONE])."""
+    if request.stream:
+        events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
+        if not events or events[-1] != "[DONE]":
+            return False
+        chunks = [json.loads(event) for event in events[:-1]]
+        return any(c["choices"] and c["choices"][0].get("finish_reason") for c in chunks)
+    choice = json.loads(body)["choices"][0]
+    return isinstance(choice["message"].get("content"), str) and bool(choice["finish_reason"])
+
+
 def _judge(request: Request, status: int, body: bytes) -> tuple[bool, str]:
-    """Whether `body` with `status` is the right answer to `request`, and why not."""
+    """Whether `body` with `status` is the right answer to `request`, and what came if not."""
+    detail = f"{status} {body[:120]!r}"
     if not request.valid:
         try:
             error = json.loads(body).get("error")
         except (ValueError, AttributeError):
             error = None
-        return 400 <= status < 500 and bool(error), f"{status} {body[:120]!r}"
-    if status != 200:
-        return False, f"{status} {body[:120]!r}"
-    if request.stream:
-        events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
-        done = bool(events) and events[-1] == "[DONE]"
-        chunks = [json.loads(e) for e in events[:-1]] if done else []
-        finished = any(c["choices"] and c["choices"][0].get("finish_reason") for c in chunks)
-        return done and finished, "" if done else f"stream without [DONE]: {body[-120:]!r}"
-    choice = json.loads(body)["choices"][0]
-    ok = isinstance(choice["message"].get("content"), str) and bool(choice["finish_reason"])
-    return ok, "" if ok else f"no completion: {body[:120]!r}"
+        return 400 <= status < 500 and bool(error), detail
+    try:
+        ok = status == 200 and _completed(request, body)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        ok = False
+    return ok, "" if ok else detail
 
 
 def send(url: str, request: Request, timeout: float = REQUEST_TIMEOUT) -> Outcome:
