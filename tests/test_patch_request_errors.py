@@ -1,8 +1,8 @@
 """Patch 0007 on the real server: malformed requests get a 400 JSON error, the server lives.
 
 Before the patch, `"stop": 5` stopped the generation thread for good (every later request
-failed and /health said 503), a non-UTF-8 body and a negative Content-Length got no answer,
-and `"stream_options": {}` broke a stream after its 200.
+failed and /health said 503), a non-UTF-8 body got no answer, and `"stream_options": {}`
+broke a stream after its 200.
 """
 
 from __future__ import annotations
@@ -30,14 +30,11 @@ BAD_BODIES = [
 ]
 
 
-def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+def post(url: str, body: bytes) -> tuple[int, bytes]:
     parts = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     try:
-        connection.putrequest("POST", "/v1/chat/completions")
-        for name, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
-            connection.putheader(name, value)
-        connection.endheaders(body)
+        connection.request("POST", "/v1/chat/completions", body=body)
         response = connection.getresponse()
         return response.status, response.read()
     finally:
@@ -52,8 +49,6 @@ def test_malformed_requests_get_400_and_the_server_stays_healthy(
             status, answer = post(url, body)
             assert status == 400, (body, status, answer)
             assert json.loads(answer)["error"], answer
-        status, answer = post(url, b"{}", {"Content-Length": "-1"})
-        assert (status, json.loads(answer)) == (400, {"error": "Invalid Content-Length header"})
         assert loadtest.healthy(url)
         # A stream with stream_options {} (include_usage is optional) runs to its end.
         body = {"messages": HI, "max_tokens": 4, "stream": True, "stream_options": {}}
