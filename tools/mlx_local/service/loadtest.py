@@ -3,8 +3,12 @@
     python -m mlx_local.service.loadtest --url http://127.0.0.1:8000
     python -m mlx_local.service.loadtest --model local-models/demo-tiny-qwen3 --backlog 5 128
 
-With --url it loads a running server; with --model it starts the patched server once per
---backlog value (with `--listen-backlog N`) and prints the runs side by side.
+With --url it loads a running server; with --model it starts the patched server (this
+Python's mlx_lm: run it with .venv/bin/python) once per --backlog value, with
+`--listen-backlog N` and a small prompt cache, and prints the runs side by side: requests
+sent, answered 200 with a completion, answered 4xx with a JSON error (the malformed ones),
+dropped (reset, refused, timed out), wrong answers, latency of the valid ones, /health after,
+peak memory and the largest prompt cache the server logged.
 """
 
 from __future__ import annotations
