@@ -21,6 +21,7 @@ host = "0.0.0.0"
 port = 9100
 allowed_origins = ["http://localhost:*", "https://app.example"]
 allowed_hosts = ["mymac.local", "[fe80::1]"]
+listen_backlog = 256
 served_model_name = "my-id"
 max_tokens = 64
 prompt_cache_size = 1
@@ -53,6 +54,7 @@ EXPECTED = [
     ("--port", "9100"),
     ("--allowed-origins", "http://localhost:*,https://app.example"),
     ("--allowed-hosts", "mymac.local,[fe80::1]"),
+    ("--listen-backlog", "256"),
     ("--served-model-name", "my-id"),
     ("--max-tokens", "64"),
     ("--prompt-cache-size", "1"),

@@ -157,6 +157,9 @@ SERVER_KEYS: dict[str, Key] = {
         "--allowed-hosts",
         "Host header names accepted besides localhost, loopback addresses and host",
     ),
+    "listen_backlog": Key(
+        _int(1, 65535), "--listen-backlog", "connections waiting to be accepted (bursts)"
+    ),
     "served_model_name": Key(
         _text(re.compile(r"^\S+$"), "a non-empty string without spaces"),
         "--served-model-name",
