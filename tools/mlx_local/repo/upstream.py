@@ -115,6 +115,8 @@ def resolve_remote(
     if source not in SOURCES:
         raise UserError(f"unknown source {source!r}; use one of {', '.join(SOURCES)}")
     url = upstream or settings.git_url
+    if Path(url).exists():  # a local clone: git runs elsewhere, so make the path absolute
+        url = str(Path(url).resolve())
     notes: list[str] = []
     if source in ("auto", "git"):
         problem = probe_git(url)
