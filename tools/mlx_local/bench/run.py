@@ -28,6 +28,10 @@ Progress = Callable[[str], None]
 
 
 EOS_BIAS = -1000.0
+QUANTIZE_BEFORE_END = 512
+"""The KV servers quantize from this many tokens before the end of the long prefix: its
+prefill runs mostly at full precision (quantized attention is slow on mlx's CPU backend)
+and the next turn decodes on the quantized cache, which is what is measured."""
 
 
 class Runner:
@@ -88,7 +92,8 @@ class Runner:
             label = "patched fp16 KV" if bits is None else f"patched --kv-bits {bits}"
             args = [] if bits is None else ["--kv-bits", str(bits)]
             if bits is not None and self.has("--kv-group-size", "--quantized-kv-start"):
-                args += ["--kv-group-size", str(group_size), "--quantized-kv-start", "0"]
+                start = max(0, self.s.kv_server_prefix - QUANTIZE_BEFORE_END)
+                args += ["--kv-group-size", str(group_size), "--quantized-kv-start", str(start)]
             self.progress(f"{label}: long conversation at {self.s.kv_server_prefix} tokens")
             with self.server(label, args) as server:
                 results[label] = kv_server(self.session(server), self.s)
