@@ -108,7 +108,11 @@ def test_authorship_of_each_patch_survives(project_copy: Path, stand_in_upstream
     repo = project_copy / "mlx-lm-repo"
     authors = gitutil.out(repo, "log", "--reverse", "--format=%an <%ae>", "v0.30.7..HEAD")
     names = active_names(project_copy, "v0.30.7")
-    assert len(names) == len(series_names(project_copy))  # every patch applies at 0.30.7
+    # at the oldest base the old-base patches apply too; zip(strict) checks one commit each
+    assert {
+        "0001-server-prompt-cache-size.patch",
+        "0002-server-kv-cache-quantization.patch",
+    } <= set(names)
     for name, author in zip(names, authors.splitlines(), strict=True):
         info = patchqueue.read_patch(project_copy / "patches" / name)
         assert " ".join(info.author.split()) == author

@@ -295,7 +295,7 @@ def test_config_check_probes_the_patched_server(
 ) -> None:
     """Every option the config can produce is one the patched server's --help lists."""
     extra = (
-        "prompt_cache_size = 1\nkv_bits = 4\nkv_group_size = 64\nquantized_kv_start = 0\n"
+        "prompt_cache_size = 1\nkv_bits = 4\nkv_group_size = 32\nquantized_kv_start = 0\n"
         'temp = 0.5\ntop_p = 0.9\ntop_k = 5\nmin_p = 0.1\nlog_level = "INFO"\n'
         "decode_concurrency = 2\nprompt_concurrency = 2\nnum_draft_tokens = 2\n"
         'api_key = "k"\n[chat_template_args]\nenable_thinking = false\n'
