@@ -17,7 +17,7 @@ from .. import config as config_mod
 from .. import project
 from ..atomic import write_atomic
 from ..errors import UserError
-from . import command, control, exposure, install, kv_check, logs, process, serve
+from . import command, control, exposure, install, kv_check, logs, metrics, process, serve
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -291,6 +291,7 @@ def _status(args: argparse.Namespace) -> int:
         rows.append(("pid file", state.pid_file))
     if state.detail:
         rows.append(("detail", state.detail))
+    rows += metrics.panel_rows(state.metrics, state.metrics_detail)
     for name, value in rows:
         table.add_row(name, value)
     console.print(Panel(table, title="mlx-local server", expand=False), highlight=False)

@@ -13,6 +13,7 @@ from ..config import Config
 from ..errors import UserError
 from ..project import PYTHON_ENV, ROOT_ENV, Project
 from . import install, launchd, logs, process, systemd
+from . import metrics as metrics_mod
 from .serve import plan
 
 LOG_LINES_ON_FAILURE = 20
@@ -158,6 +159,8 @@ class Status:
     pid_file: str | None
     log_file: str
     detail: str = ""
+    metrics: metrics_mod.Summary | None = None  # from GET /metrics when the server answers
+    metrics_detail: str = ""  # why there are no metrics
 
 
 def status(project: Project, config: Config) -> Status:
@@ -196,6 +199,7 @@ def status(project: Project, config: Config) -> Status:
     if state == "running" and not is_healthy:
         state = "starting"
     info = processes.process_info(pid) if pid else None
+    summary, why = metrics_mod.read(config, host, port) if is_healthy else (None, "")
     return Status(
         state=state,
         manager=manager,
@@ -215,4 +219,6 @@ def status(project: Project, config: Config) -> Status:
         pid_file=str(pid_file.path) if kind is None else None,
         log_file=str(config.service.log_file),
         detail=detail,
+        metrics=summary,
+        metrics_detail=why,
     )
