@@ -21,8 +21,15 @@ Handler = Callable[[argparse.Namespace], int | None]
 def _command_groups() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Every area's `register(subparsers)`; the only place that knows which commands exist."""
     from . import cli_bench, cli_models, cli_repo, cli_service
+    from .plan import cli as cli_plan
 
-    return [cli_repo.register, cli_models.register, cli_service.register, cli_bench.register]
+    return [
+        cli_repo.register,
+        cli_models.register,
+        cli_service.register,
+        cli_bench.register,
+        cli_plan.register,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from ..config import Config
 from ..errors import UserError
 from ..project import Project
 from . import logs, process
-from .command import Model, ServerCommand, build_command, resolve_model
+from .command import Model, ServerCommand, build_command, resolve_model, upstream_option_problem
 
 HUB_TIMEOUT = 5.0
 
@@ -103,7 +103,14 @@ def plan(
                 f"model {demo.path} instead (it talks gibberish)"
             )
             model = demo
-    return Plan(build_command(config, project, python, model), warnings)
+    command = build_command(config, project, python, model)
+    source = project.checkout_dir / "mlx_lm" / "server.py"
+    problem = upstream_option_problem(
+        command, source.read_text("utf-8") if source.is_file() else ""
+    )
+    if problem:
+        raise UserError(problem)
+    return Plan(command, warnings)
 
 
 def curl_example(host: str, port: int, served_name: str, with_key: bool) -> str:
