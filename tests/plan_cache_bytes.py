@@ -3,9 +3,10 @@
     python plan_cache_bytes.py MODEL_DIR '{"contexts": [...], "bits": [null, 4, 8],
                                            "group_size": 32, "mode": "prefill"}'
 
-For each context and KV precision it builds the model's cache with `make_prompt_cache`, fills
-it as `generate_step` does (chunks of 2048 tokens; `maybe_quantize_kv_cache` after each chunk,
-quantizing from token 0), and prints {"<context>/<bits>": sum of the caches' nbytes} as JSON.
+For each KV precision and context it builds a new cache with `make_prompt_cache`, fills it as
+`generate_step` prefills one prompt (chunks of 2048 tokens; `maybe_quantize_kv_cache` after each
+chunk, quantizing from token 0), and prints {"<context>/<bits>": sum of the caches' nbytes}
+as JSON.
 Mode "prefill" runs the model's forward pass on random token ids; mode "fill" calls each
 layer cache's `update_and_fetch` with random keys and values of the model's shape instead
 (for contexts too long to prefill on a CPU).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -25,24 +27,22 @@ from mlx_lm.utils import load_model
 CHUNK = 2048
 
 
-def fill(model, cache, config: dict, tokens: int) -> None:
+def fill(model, cache, config: dict, tokens: int) -> Iterator[None]:
     """update_and_fetch with random keys/values shaped as the model's attention makes them."""
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     dtype = model.layers[0].self_attn.k_proj.weight.dtype
-    done = 0
-    while done < tokens:
-        n = min(CHUNK, tokens - done)
+    for start in range(0, tokens, CHUNK):
+        n = min(CHUNK, tokens - start)
         for layer_cache in cache:
             k = mx.random.normal((1, kv_heads, n, head_dim)).astype(dtype)
             v = mx.random.normal((1, kv_heads, n, head_dim)).astype(dtype)
             layer_cache.update_and_fetch(k, v)
         yield
-        done += n
 
 
-def prefill(model, cache, vocab: int, tokens: int) -> None:
+def prefill(model, cache, vocab: int, tokens: int) -> Iterator[None]:
     """The model's forward pass over `tokens` random token ids, chunk by chunk."""
     ids = mx.random.randint(0, vocab, (1, tokens))
     for start in range(0, tokens, CHUNK):
@@ -56,8 +56,8 @@ def main() -> None:
     model, config = load_model(folder)
     mx.random.seed(0)
     results = {}
-    for context in spec["contexts"]:
-        for bits in spec["bits"]:
+    for bits in spec["bits"]:
+        for context in spec["contexts"]:
             cache = make_prompt_cache(model)
             if spec.get("mode", "prefill") == "prefill":
                 steps = prefill(model, cache, config["vocab_size"], context)

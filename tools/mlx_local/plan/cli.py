@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..service.command import resolve_model
 from . import kv
 from . import machine as machine_mod
-from .estimate import Settings, gib, largest_context, need, verdict
+from .estimate import SEARCH_LIMIT, Settings, gib, largest_context, need, verdict
 from .guard import model_folder
 from .machine import sysctl_line
 from .model_shape import ModelShape, read_shape
@@ -90,10 +90,11 @@ def build(args: argparse.Namespace) -> dict:
         for bits in bits_list:
             n = need(shape, settings, context, bits)
             rows.append({**asdict(n), "fits": n.total_bytes <= budget})
-    largest = {}
-    for bits in bits_list:
-        longest = largest_context(shape, settings, bits, budget)
-        largest[_label(bits, shape)] = longest
+    cap = shape.max_context or SEARCH_LIMIT
+    largest = {
+        _label(bits, shape): min(largest_context(shape, settings, bits, budget), cap)
+        for bits in bits_list
+    }
     worst = max(rows, key=lambda r: r["total_bytes"])
     return {
         "model": str(folder),
@@ -145,8 +146,12 @@ def _plan(args: argparse.Namespace) -> int:
         f"{kv_info['head_dim']}, group size {kv_info['group_size']}",
         highlight=False,
     )
-    per_token = ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in kv_info["bytes_per_token"].items())
-    console.print(f"KV bytes per token: {per_token}", highlight=False)
+    per_token = ", ".join(f"{k} {v / 1024:.2f} KiB" for k, v in kv_info["bytes_per_token"].items())
+    start = kv_info["quantized_kv_start"]
+    console.print(
+        f"KV bytes per token: {per_token} (quantized once a context reaches {start:,} tokens)",
+        highlight=False,
+    )
     limit = machine["gpu_limit_bytes"]
     gpu = f"; GPU wired limit {gib(limit)} ({machine['gpu_limit_source']})" if limit else ""
     console.print(
@@ -173,7 +178,7 @@ def _plan(args: argparse.Namespace) -> int:
     longest = ", ".join(f"{k} {v:,}" for k, v in plan["largest_context"].items())
     console.print(
         f"largest context within the {machine['budget']} ({gib(machine['budget_bytes'])}): "
-        f"{longest} tokens (model maximum {plan['model_max_context'] or 'unknown'})",
+        f"{longest} tokens (the model's maximum: {plan['model_max_context'] or 'unknown'})",
         highlight=False,
     )
     if plan["sysctl"]:

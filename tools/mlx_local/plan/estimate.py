@@ -94,6 +94,14 @@ def gib(n: float) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / (1 << 20):.2f} MiB"
 
 
+def byte_text(n: int) -> str:
+    """A byte count rounded down to a config value: "12G", "512M", "300K"."""
+    for unit, size in (("G", GiB), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
 def _changes(
     shape: ModelShape, settings: Settings, machine: Machine, context: int, n: Need
 ) -> list[str]:
@@ -105,7 +113,7 @@ def _changes(
         entries = room // n.kv_bytes if n.kv_bytes else 0
         if entries >= 1:
             changes.append(f"prompt_cache_size = {entries}")
-        changes.append(f'prompt_cache_bytes = "{room // (1 << 20)}M"')
+        changes.append(f'prompt_cache_bytes = "{byte_text(room)}"')
     if settings.kv_bits is None and kv.group_size_problem(shape, settings.kv_group_size) is None:
         for bits in (8, 4):
             if need(shape, settings, context, bits).total_bytes <= budget:

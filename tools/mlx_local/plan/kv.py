@@ -4,6 +4,9 @@
 packed values (`bits` per element in uint32 words) plus a scale and a bias per `group_size`
 elements in the activation dtype. `RotatingKVCache` stops growing at its window, and it is never
 quantized. Linear-attention layers keep a state of fixed size.
+
+A prompt prefilled at once holds its context rounded up to the step; a cache grown turn by
+turn may hold up to 255 slots more (each growth keeps the used part and adds whole steps).
 """
 
 from __future__ import annotations
