@@ -148,6 +148,11 @@ def test_sliding_and_linear_layers_are_sized_as_mlx_lm_caches_grow(tmp_path: Pat
     per_token = 2 * 64 * 2
     # Window layers stop at 512 tokens; full layers grow in steps of 256.
     assert kv.cache_bytes(shape, 10_000) == (4 * 512 + 2 * 10_240) * per_token
+    # A family whose mlx-lm cache ignores the window keeps every token.
+    types = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    other = {**sliding, "model_type": "qwen2", "layer_types": types}
+    (folder / "config.json").write_text(json.dumps(other))
+    assert [layer.kind for layer in read_shape(folder).layers] == ["full"] * 6
     linear = {
         "model_type": "qwen3_next",
         "num_hidden_layers": 4,

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -177,12 +178,13 @@ def _config_check(args: argparse.Namespace) -> int:
 def _verdict(cfg: config_mod.Config, model: command.Model, out: Console) -> None:
     """Print the memory plan's one-line verdict; refuse a model whose weights cannot fit."""
     result = guard.config_verdict(cfg, model)
-    if result is None:
-        out.print("plan: not checked: the model is not downloaded yet", highlight=False)
-        return
-    style = {"fits": "green", "tight": "yellow"}.get(result.level, "red")
-    head, _, rest = result.line.partition(result.level)
-    out.print(f"{head}[{style}]{result.level}[/]{rest}", highlight=False, soft_wrap=True)
+    style = {"fits": "green", "tight": "yellow", "does not fit": "red"}.get(result.level)
+    head, found, rest = result.line.partition(result.level)
+    if style and found:
+        shown = f"{escape(head)}[{style}]{found}[/]{escape(rest)}"
+    else:
+        shown = escape(result.line)
+    out.print(shown, highlight=False, soft_wrap=True)
 
 
 def _banner(cfg: config_mod.Config, with_key: bool) -> list[str]:

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .. import config as config_mod
@@ -140,7 +141,7 @@ def _plan(args: argparse.Namespace) -> int:
     machine = plan["machine"]
     layers = ", ".join(f"{n} {kind}" for kind, n in kv_info["layers"].items() if n)
     console.print(
-        f"[bold]{plan['model']}[/] ({plan['model_type']}): weights "
+        f"[bold]{escape(plan['model'])}[/] ({plan['model_type']}): weights "
         f"{gib(plan['weights']['bytes'])} ({plan['weights']['quantization']}); KV cache "
         f"{kv_info['dtype']}, {layers} layers, {kv_info['kv_heads']} KV heads x "
         f"{kv_info['head_dim']}, group size {kv_info['group_size']}",
@@ -184,5 +185,5 @@ def _plan(args: argparse.Namespace) -> int:
     if plan["sysctl"]:
         console.print(f"to raise the GPU wired limit: {plan['sysctl']}", highlight=False)
     if plan["verdict"]:
-        console.print(plan["verdict"], highlight=False)
+        console.print(escape(plan["verdict"]), highlight=False)
     return 0

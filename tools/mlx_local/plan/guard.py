@@ -25,14 +25,16 @@ def model_folder(model: Model) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
-def config_verdict(config: Config, model: Model) -> Verdict | None:
-    """The verdict for serving `model` with `config` on this machine (None: not downloaded).
-
-    Raises UserError when the weights alone exceed physical memory."""
+def config_verdict(config: Config, model: Model) -> Verdict:
+    """The verdict for serving `model` with `config` on this machine (level "unknown" when the
+    model cannot be read yet). Raises UserError when the weights alone exceed physical memory."""
     folder = model_folder(model)
     if folder is None:
-        return None
-    shape = read_shape(folder)
+        return Verdict("unknown", "plan: not checked: the model is not downloaded yet", True)
+    try:
+        shape = read_shape(folder)
+    except UserError as error:
+        return Verdict("unknown", f"plan: not checked: {error}", True)
     machine = machine_mod.read()
     if shape.weights_bytes > machine.physical_bytes:
         raise UserError(

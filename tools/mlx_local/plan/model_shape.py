@@ -21,6 +21,37 @@ CONFIG_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
 MAX_HEADER = 100_000_000
 
 LayerKind = Literal["full", "sliding", "linear"]
+# Model types whose mlx-lm `make_cache` gives sliding-window layers a RotatingKVCache (v0.32.2);
+# other families keep a full KVCache on every attention layer, whatever their config says.
+SLIDING_TYPES = frozenset(
+    [
+        "afmoe",
+        "baichuan_m1",
+        "cohere2",
+        "exaone4",
+        "exaone_moe",
+        "gear",
+        "gemma3",
+        "gemma3_text",
+        "gemma3n",
+        "gemma4",
+        "gemma4_text",
+        "gpt_oss",
+        "iquestloopcoder",
+        "laguna",
+        "llama",
+        "mellum",
+        "mimo_v2_flash",
+        "ministral3",
+        "muse_glimmer",
+        "muse_spark",
+        "olmo3",
+        "plamo3",
+        "recurrent_gemma",
+        "spark2_5",
+        "step3p5",
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -91,6 +122,8 @@ def _layer_caches(cfg: dict, num_layers: int, dtype_bytes: int) -> tuple[LayerCa
         kinds = ["full" if (i + 1) % interval == 0 else "linear" for i in range(num_layers)]
     else:
         kinds = ["full"] * num_layers
+    if cfg.get("model_type") not in SLIDING_TYPES:
+        kinds = ["full" if kind == "sliding" else kind for kind in kinds]
     state = _linear_state_bytes(cfg, dtype_bytes) if "linear" in kinds else 0
     return tuple(
         LayerCache(kind, window if kind == "sliding" else None, state if kind == "linear" else 0)
