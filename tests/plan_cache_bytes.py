@@ -29,6 +29,7 @@ CHUNK = 2048
 
 def fill(model, cache, config: dict, tokens: int) -> Iterator[None]:
     """update_and_fetch with random keys/values shaped as the model's attention makes them."""
+    config = config.get("text_config", config)
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
@@ -43,11 +44,14 @@ def fill(model, cache, config: dict, tokens: int) -> Iterator[None]:
 
 
 def prefill(model, cache, vocab: int, tokens: int) -> Iterator[None]:
-    """The model's forward pass over `tokens` random token ids, chunk by chunk."""
+    """The model's forward pass over `tokens` random token ids as generate_step runs it: all
+    but the last token in chunks, then the last one alone (the first generation step)."""
     ids = mx.random.randint(0, vocab, (1, tokens))
-    for start in range(0, tokens, CHUNK):
-        model(ids[:, start : start + CHUNK], cache=cache)
+    for start in range(0, tokens - 1, CHUNK):
+        model(ids[:, start : min(start + CHUNK, tokens - 1)], cache=cache)
         yield
+    model(ids[:, tokens - 1 :], cache=cache)
+    yield
 
 
 def main() -> None:
@@ -60,7 +64,8 @@ def main() -> None:
         for context in spec["contexts"]:
             cache = make_prompt_cache(model)
             if spec.get("mode", "prefill") == "prefill":
-                steps = prefill(model, cache, config["vocab_size"], context)
+                vocab = config.get("text_config", config)["vocab_size"]
+                steps = prefill(model, cache, vocab, context)
             else:
                 steps = fill(model, cache, config, context)
             for _ in steps:

@@ -21,6 +21,7 @@ from tests.conftest import PatchedRuntime, make_project
 from tests.helpers import REPO_ROOT, free_port, run_cli
 
 MEASURE = Path(__file__).with_name("plan_cache_bytes.py")
+BUILD = Path(__file__).with_name("plan_build_model.py")
 GQA_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
@@ -75,9 +76,80 @@ def gqa_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_gqa_model(tmp_path_factory.mktemp("models") / "tiny-llama-gqa")
 
 
-def measured_bytes(python: Path, folder: Path, contexts: list[int], group: int) -> dict:
+SLIDING_CONFIG = {  # Gemma 3: two sliding-window layers of 512 tokens, then a full one
+    "model_type": "gemma3_text",
+    "hidden_size": 128,
+    "num_hidden_layers": 6,
+    "intermediate_size": 256,
+    "num_attention_heads": 4,
+    "head_dim": 64,
+    "num_key_value_heads": 1,
+    "vocab_size": 512,
+    "sliding_window": 512,
+    "sliding_window_pattern": 3,
+    "max_position_embeddings": 8192,
+    "query_pre_attn_scalar": 64,
+}
+LINEAR_CONFIG = {  # Qwen3-Next: three gated-delta (linear attention) layers, then a full one
+    "model_type": "qwen3_next",
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "intermediate_size": 256,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "linear_num_value_heads": 4,
+    "linear_num_key_heads": 2,
+    "linear_key_head_dim": 32,
+    "linear_value_head_dim": 32,
+    "linear_conv_kernel_dim": 4,
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "decoder_sparse_step": 1,
+    "shared_expert_intermediate_size": 128,
+    "mlp_only_layers": [],
+    "moe_intermediate_size": 64,
+    "rms_norm_eps": 1e-6,
+    "vocab_size": 512,
+    "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.25,
+    "max_position_embeddings": 8192,
+    "full_attention_interval": 4,
+    "tie_word_embeddings": True,
+}
+
+
+def build_with_mlx_lm(python: Path, folder: Path, config: dict, dtype: str) -> Path:
+    """A random-weight model built from mlx-lm's own class for `config` (in the runtime)."""
+    command = [str(python), str(BUILD), str(folder), json.dumps(config), dtype]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(
+    demo_model: Path,
+    gqa_model: Path,
+    patched_runtime: PatchedRuntime,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("built")
+    python = patched_runtime.python
+    return {
+        "demo": demo_model,
+        "gqa": gqa_model,
+        "sliding": build_with_mlx_lm(python, base / "gemma3", SLIDING_CONFIG, "float16"),
+        # mlx's CPU backend runs the experts' gather_mm in float32 only
+        "linear": build_with_mlx_lm(python, base / "qwen3-next", LINEAR_CONFIG, "float32"),
+    }
+
+
+def measured_bytes(
+    python: Path, folder: Path, contexts: list[int], bits: list[int | None], group: int
+) -> dict:
     """{"<context>/<bits>": nbytes} from mlx-lm's caches after a real prefill."""
-    spec = {"contexts": contexts, "bits": [None, 4, 8], "group_size": group}
+    spec = {"contexts": contexts, "bits": bits, "group_size": group}
     result = subprocess.run(
         [str(python), str(MEASURE), str(folder), json.dumps(spec)],
         capture_output=True,
@@ -89,26 +161,38 @@ def measured_bytes(python: Path, folder: Path, contexts: list[int], group: int) 
 
 
 @pytest.mark.parametrize(
-    ("which", "contexts", "group"),
-    [("demo", [1000, 3000], 32), ("gqa", [700, 2500], 64)],
+    ("which", "contexts", "bits", "group"),
+    [
+        ("demo", [1000, 3000], [None, 4, 8], 32),
+        ("gqa", [700, 2500], [None, 4, 8], 64),
+        ("sliding", [300, 3000], [None], 64),  # mlx-lm cannot quantize its window caches
+        ("linear", [300, 3000], [None, 4], 32),
+    ],
 )
 def test_predictions_match_a_real_prefill(
     which: str,
     contexts: list[int],
+    bits: list[int | None],
     group: int,
-    demo_model: Path,
-    gqa_model: Path,
+    models: dict[str, Path],
     patched_runtime: PatchedRuntime,
 ) -> None:
-    folder = demo_model if which == "demo" else gqa_model
-    shape = read_shape(folder)
-    measured = measured_bytes(patched_runtime.python, folder, contexts, group)
-    assert len(measured) == 6
+    shape = read_shape(models[which])
+    measured = measured_bytes(patched_runtime.python, models[which], contexts, bits, group)
+    assert len(measured) == len(contexts) * len(bits)
     for key, actual in measured.items():
-        context, bits = key.split("/")
-        bits_value = None if bits == "None" else int(bits)
+        context, bits_text = key.split("/")
+        bits_value = None if bits_text == "None" else int(bits_text)
         predicted = kv.cache_bytes(shape, int(context), bits_value, group, quantized_kv_start=0)
         assert abs(predicted - actual) <= 0.05 * actual, (key, predicted, actual)
+
+
+def test_kv_bits_on_a_sliding_window_model_is_flagged(models: dict[str, Path]) -> None:
+    shape = read_shape(models["sliding"])
+    assert [layer.kind for layer in shape.layers] == ["sliding", "sliding", "full"] * 2
+    assert kv.kv_bits_problem(shape, 64) == kv.SLIDING_PROBLEM
+    assert kv.kv_bits_problem(read_shape(models["gqa"]), 64) is None
+    assert "does not divide the head size 32" in kv.kv_bits_problem(read_shape(models["demo"]), 64)
 
 
 def test_shape_of_both_models(demo_model: Path, gqa_model: Path) -> None:

@@ -77,13 +77,14 @@ def build(args: argparse.Namespace) -> dict:
     configured = Settings.from_options(cfg.options)
     group = _group_size(args, cfg.options, shape)
     settings = Settings(**{**configured.__dict__, "kv_group_size": group})
-    bits_list = [
-        None,
-        *(
-            args.kv_bits
-            or ([cfg.options["kv_bits"]] if "kv_bits" in cfg.options else DEFAULT_KV_BITS)
-        ),
-    ]
+    requested = args.kv_bits or (
+        [cfg.options["kv_bits"]] if "kv_bits" in cfg.options else DEFAULT_KV_BITS
+    )
+    notes = []
+    if any(layer.kind == "sliding" for layer in shape.layers):
+        notes.append(kv.SLIDING_PROBLEM)
+        requested = []
+    bits_list = [None, *requested]
     machine = machine_mod.read()
     budget = machine.budget_bytes
     rows = []
@@ -125,6 +126,7 @@ def build(args: argparse.Namespace) -> dict:
         "model_max_context": shape.max_context,
         "sysctl": sysctl_line(machine, worst["total_bytes"]) if not worst["fits"] else None,
         "verdict": verdict(shape, configured, machine).line if not args.model else None,
+        "notes": notes,
     }
 
 
@@ -182,6 +184,8 @@ def _plan(args: argparse.Namespace) -> int:
         f"{longest} tokens (the model's maximum: {plan['model_max_context'] or 'unknown'})",
         highlight=False,
     )
+    for note in plan["notes"]:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     if plan["sysctl"]:
         console.print(f"to raise the GPU wired limit: {plan['sysctl']}", highlight=False)
     if plan["verdict"]:

@@ -114,7 +114,7 @@ def _changes(
         if entries >= 1:
             changes.append(f"prompt_cache_size = {entries}")
         changes.append(f'prompt_cache_bytes = "{byte_text(room)}"')
-    if settings.kv_bits is None and kv.group_size_problem(shape, settings.kv_group_size) is None:
+    if settings.kv_bits is None and kv.kv_bits_problem(shape, settings.kv_group_size) is None:
         for bits in (8, 4):
             if need(shape, settings, context, bits).total_bytes <= budget:
                 changes.append(f"kv_bits = {bits}")

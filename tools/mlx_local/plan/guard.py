@@ -10,7 +10,7 @@ from ..errors import UserError
 from ..service.command import Model
 from . import machine as machine_mod
 from .estimate import Settings, Verdict, gib, verdict
-from .kv import group_size_problem
+from .kv import kv_bits_problem
 from .model_shape import read_shape
 
 
@@ -45,7 +45,7 @@ def config_verdict(config: Config, model: Model) -> Verdict:
         )
     settings = Settings.from_options(config.options)
     result = verdict(shape, settings, machine)
-    problem = settings.kv_bits and group_size_problem(shape, settings.kv_group_size)
+    problem = settings.kv_bits and kv_bits_problem(shape, settings.kv_group_size)
     if problem:
         result.line += f" (warning: {problem})"
     return result

@@ -2,7 +2,8 @@
 
 `KVCache` and `QuantizedKVCache` allocate in steps of 256 tokens; a quantized entry holds the
 packed values (`bits` per element in uint32 words) plus a scale and a bias per `group_size`
-elements in the activation dtype. `RotatingKVCache` stops growing at its window, and it is never
+elements in the activation dtype. `RotatingKVCache` stops growing at its window (while a long
+prompt is prefilled it briefly holds window - 1 + one prefill chunk), and it cannot be
 quantized. Linear-attention layers keep a state of fixed size.
 
 A prompt prefilled at once holds its context rounded up to the step; a cache grown turn by
@@ -31,6 +32,19 @@ def token_bytes(shape: ModelShape, bits: int | None, group_size: int) -> float:
     packed = elements * bits / 8
     scales_biases = 2 * (elements // group_size) * shape.kv_dtype_bytes
     return 2 * (packed + scales_biases)
+
+
+SLIDING_PROBLEM = (
+    "mlx-lm cannot quantize this model's sliding-window caches (RotatingKVCache), so kv_bits "
+    "fails on it; leave kv_bits off"
+)
+
+
+def kv_bits_problem(shape: ModelShape, group_size: int) -> str | None:
+    """Why kv_bits with `group_size` cannot work on this model, or None when it can."""
+    if any(layer.kind == "sliding" for layer in shape.layers):
+        return SLIDING_PROBLEM
+    return group_size_problem(shape, group_size)
 
 
 def group_size_problem(shape: ModelShape, group_size: int) -> str | None:
