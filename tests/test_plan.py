@@ -163,7 +163,7 @@ def measured_bytes(
 @pytest.mark.parametrize(
     ("which", "contexts", "bits", "group"),
     [
-        ("demo", [1000, 3000], [None, 4, 8], 32),
+        ("demo", [600, 2100], [None, 4, 8], 32),
         ("gqa", [700, 2500], [None, 4, 8], 64),
         ("sliding", [300, 3000], [None], 64),  # mlx-lm cannot quantize its window caches
         ("linear", [300, 3000], [None, 4], 32),
@@ -316,7 +316,7 @@ def test_verdict_levels_and_what_to_change(demo_model: Path) -> None:
     assert verdict(shape, settings, on(2 * total)).level == "fits"
     assert verdict(shape, settings, on(int(total / 0.95))).level == "tight"
     short = verdict(shape, settings, on(total - 1))
-    assert short.level == "does not fit" and short.weights_fit
+    assert short.level == "does not fit"
     assert "prompt_cache_size = 3" in short.changes and "kv_bits = 8" in short.changes
     mac = verdict(shape, settings, on(8 * GiB, "Darwin", total - 1))
     assert "sudo sysctl iogpu.wired_limit_mb=1024" in mac.changes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from rich.console import Console
 from rich.markup import escape
@@ -41,7 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="B",
         help="KV-cache bits to compare with full precision (default: the configured, or 8 4)",
     )
-    p.add_argument("--kv-group-size", type=int, choices=config_mod.KV_GROUP_SIZES)
+    p.add_argument(
+        "--kv-group-size",
+        type=int,
+        choices=config_mod.KV_GROUP_SIZES,
+        help="KV quantization group (default: the configured, or one that divides the head size)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_plan)
 
@@ -76,7 +81,7 @@ def build(args: argparse.Namespace) -> dict:
     shape = read_shape(folder)
     configured = Settings.from_options(cfg.options)
     group = _group_size(args, cfg.options, shape)
-    settings = Settings(**{**configured.__dict__, "kv_group_size": group})
+    settings = replace(configured, kv_group_size=group)
     requested = args.kv_bits or (
         [cfg.options["kv_bits"]] if "kv_bits" in cfg.options else DEFAULT_KV_BITS
     )

@@ -9,7 +9,7 @@ the weights plus (1 + prompt_cache_size) whole caches, the stored ones capped by
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import kv
 from .machine import GiB, Machine, sysctl_line
@@ -66,7 +66,7 @@ def need(shape: ModelShape, settings: Settings, context: int, bits: int | None) 
 
 def largest_context(shape: ModelShape, settings: Settings, bits: int | None, budget: int) -> int:
     """The largest context whose need fits `budget` (0 if not even an empty one does)."""
-    at_start = Settings(**{**settings.__dict__, "quantized_kv_start": 0})
+    at_start = replace(settings, quantized_kv_start=0)
     fits = lambda n: need(shape, at_start, n, bits).total_bytes <= budget  # noqa: E731
     if not fits(0):
         return 0
@@ -83,9 +83,8 @@ def largest_context(shape: ModelShape, settings: Settings, bits: int | None, bud
 class Verdict:
     """The plan's one-line answer for a configuration."""
 
-    level: str  # fits, tight, does not fit
+    level: str  # fits, tight, does not fit; unknown when the model cannot be read
     line: str
-    weights_fit: bool
     changes: list[str] = field(default_factory=list)
 
 
@@ -140,11 +139,10 @@ def verdict(
         f"weights {gib(n.weights_bytes)} + KV {gib(n.kv_bytes)} at {context:,} tokens + "
         f"prompt cache {gib(n.prompt_cache_bytes)} = {gib(n.total_bytes)} of {where}"
     )
-    weights_fit = n.weights_bytes <= machine.physical_bytes
     if n.total_bytes <= TIGHT * budget:
-        return Verdict("fits", f"plan: fits: {parts}", weights_fit)
+        return Verdict("fits", f"plan: fits: {parts}")
     if n.total_bytes <= budget:
-        return Verdict("tight", f"plan: tight: {parts}", weights_fit)
+        return Verdict("tight", f"plan: tight: {parts}")
     changes = _changes(shape, settings, machine, context, n)
-    fix = f"; to fit: {', or '.join(changes)}" if changes else ""
-    return Verdict("does not fit", f"plan: does not fit: {parts}{fix}", weights_fit, changes)
+    fix = ", or ".join(changes)
+    return Verdict("does not fit", f"plan: does not fit: {parts}; to fit: {fix}", changes)

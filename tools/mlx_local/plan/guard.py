@@ -30,11 +30,11 @@ def config_verdict(config: Config, model: Model) -> Verdict:
     model cannot be read yet). Raises UserError when the weights alone exceed physical memory."""
     folder = model_folder(model)
     if folder is None:
-        return Verdict("unknown", "plan: not checked: the model is not downloaded yet", True)
+        return Verdict("unknown", "plan: not checked: the model is not downloaded yet")
     try:
         shape = read_shape(folder)
     except UserError as error:
-        return Verdict("unknown", f"plan: not checked: {error}", True)
+        return Verdict("unknown", f"plan: not checked: {error}")
     machine = machine_mod.read()
     if shape.weights_bytes > machine.physical_bytes:
         raise UserError(
