@@ -36,7 +36,7 @@ def test_a_group_that_does_not_divide_the_head_size_is_refused_everywhere(
         assert result.returncode == 1, (command, result.stdout, result.stderr)
         line = one_error_line(result.stderr)
         assert "kv_group_size 64 does not divide the head size 32" in line, line
-        assert "one of: 32" in line and "config.toml" in line
+        assert "e.g. 32" in line and "config.toml" in line
     assert not proj.pid_file.exists()
     with socket.socket() as sock:  # nothing was left listening
         assert sock.connect_ex(("127.0.0.1", proj.port)) != 0

@@ -13,6 +13,7 @@ from .bench import cli as bench_cli
 from .console import err_console
 from .errors import UserError
 from .models import cli as models_cli
+from .plan import cli as plan_cli
 from .repo import cli as repo_cli
 from .service import cli as service_cli
 
@@ -24,6 +25,7 @@ COMMAND_GROUPS: list[Callable[[argparse._SubParsersAction], None]] = [
     models_cli.register,
     service_cli.register,
     bench_cli.register,
+    plan_cli.register,
 ]
 """Every part's `register(subparsers)`: the only place that knows which commands exist."""
 

@@ -94,6 +94,19 @@ def _byte_count(value: Any) -> str | None:
     return 'a byte count: an integer, or a string like "512M" or "10G"'
 
 
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(value: int | str) -> int:
+    """A byte count from a checked value: an integer, or "512M", "10G" (powers of 1024)."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)i?b?\s*", value.lower())
+    if match is None:
+        raise ValueError(f"not a byte count: {value!r}")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
 def _folder_or_off(value: Any) -> str | None:
     if value is False or (isinstance(value, str) and value.strip()):
         return None
@@ -167,6 +180,9 @@ SERVER_KEYS: dict[str, Key] = {
     ),
     "max_tokens": Key(_int(1), "--max-tokens", "default maximum tokens per response"),
     "prompt_cache_size": Key(_int(1), "--prompt-cache-size", "KV caches kept for reuse"),
+    "prompt_cache_bytes": Key(
+        _byte_count, "--prompt-cache-bytes", "byte budget of the in-memory prompt cache"
+    ),
     "kv_bits": Key(_choice(KV_BITS), "--kv-bits", "quantize the KV cache to this many bits"),
     "kv_group_size": Key(_choice(KV_GROUP_SIZES), "--kv-group-size", "KV quantization group"),
     "quantized_kv_start": Key(_int(0), "--quantized-kv-start", "tokens kept unquantized"),
@@ -360,6 +376,8 @@ def load(project: Project, path: Path | None = None) -> Config:
         stop_timeout=float(service.get("stop_timeout", 15)),
     )
     options = {k: v for k, v in data.items() if k != "service"}
+    if "prompt_cache_bytes" in options:  # upstream's parser knows neither K nor T nor 1024s
+        options["prompt_cache_bytes"] = parse_bytes(options["prompt_cache_bytes"])
     for key in PATH_KEYS:
         if isinstance(options.get(key), str):
             value = Path(os.path.expanduser(options[key]))

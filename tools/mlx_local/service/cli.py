@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -17,6 +18,7 @@ from .. import config as config_mod
 from .. import project
 from ..atomic import write_atomic
 from ..errors import UserError
+from ..plan import guard
 from . import command, control, exposure, install, kv_check, logs, metrics, process, serve
 
 console = Console(soft_wrap=True)
@@ -147,7 +149,7 @@ def _config_check(args: argparse.Namespace) -> int:
     model = command.resolve_model(cfg.model, proj)
     cmd = command.build_command(cfg, proj, python, model)
     warnings = exposure.check(cfg)
-    kv_check.check_group_size(cfg, model)
+    kv_check.check_model(cfg, model)
     console.print(f"[green]ok[/] {cfg.path} is valid", highlight=False)
     for warning in warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
@@ -155,6 +157,7 @@ def _config_check(args: argparse.Namespace) -> int:
         console.print(f"model: hub id {model.spec} (downloaded on first start)", highlight=False)
     else:
         console.print(f"model: {model.path}", highlight=False)
+    _verdict(cfg, model, console)
     console.print("server command line:", highlight=False)
     print(cmd.display())
     if args.no_probe:
@@ -162,7 +165,11 @@ def _config_check(args: argparse.Namespace) -> int:
     if not proj.checkout_dir.is_dir():
         console.print("[yellow]not probed:[/] mlx-lm-repo/ does not exist (run setup-repo)")
         return 0
-    missing = command.unsupported_flags(cmd, command.server_help(python))
+    help_text = command.server_help(python)
+    problem = command.upstream_option_problem(cmd, help_text)
+    if problem:
+        raise UserError(problem)
+    missing = command.unsupported_flags(cmd, help_text)
     if missing:
         raise UserError(
             f"the installed server does not know {', '.join(missing)}: run setup-repo so the "
@@ -172,6 +179,18 @@ def _config_check(args: argparse.Namespace) -> int:
     for warning in kv_check.check(cfg, python, model):
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     return 0
+
+
+def _verdict(cfg: config_mod.Config, model: command.Model, out: Console) -> None:
+    """Print the memory plan's one-line verdict; refuse a model whose weights cannot fit."""
+    result = guard.config_verdict(cfg, model)
+    style = {"fits": "green", "tight": "yellow", "does not fit": "red"}.get(result.level)
+    head, found, rest = result.line.partition(result.level)
+    if style and found:
+        shown = f"{escape(head)}[{style}]{found}[/]{escape(rest)}"
+    else:
+        shown = escape(result.line)
+    out.print(shown, highlight=False, soft_wrap=True)
 
 
 def _banner(cfg: config_mod.Config, with_key: bool) -> list[str]:
@@ -192,6 +211,7 @@ def _serve(args: argparse.Namespace) -> int:
     plan = serve.plan(proj, cfg, python, args.model, args.fallback_demo)
     for warning in plan.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    _verdict(cfg, plan.command.model, err_console)
     err_console.print(f"starting: {plan.command.display()}", highlight=False, soft_wrap=True)
     log = None
     if args.log:
@@ -217,6 +237,7 @@ def _render_start(outcome: control.Outcome, cfg: config_mod.Config) -> None:
 
 def _start(args: argparse.Namespace) -> int:
     proj, cfg = _load()
+    _verdict(cfg, command.resolve_model(args.model or cfg.model, proj), err_console)
     outcome = control.start(proj, cfg, project.runtime_python(), args.model, args.fallback_demo)
     _render_start(outcome, cfg)
     return 0
@@ -248,6 +269,7 @@ def _stop(args: argparse.Namespace) -> int:
 
 def _restart(args: argparse.Namespace) -> int:
     proj, cfg = _load()
+    _verdict(cfg, command.resolve_model(args.model or cfg.model, proj), err_console)
     _render_stop(control.stop(proj, cfg))
     outcome = control.start(proj, cfg, project.runtime_python(), args.model, args.fallback_demo)
     _render_start(outcome, cfg)

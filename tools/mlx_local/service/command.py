@@ -18,6 +18,9 @@ from ..models.source import HUB_ID
 from ..project import Project
 
 ModelKind = Literal["local", "path", "hub"]
+# Server options that come from upstream releases, not from the patch queue: the first
+# release that has each.
+UPSTREAM_SINCE = {"--prompt-cache-bytes": "0.31.1"}
 
 
 @dataclass(frozen=True)
@@ -138,3 +141,16 @@ def unsupported_flags(command: ServerCommand, help_text: str) -> list[str]:
     flags = [part for part in command.argv[3:] if part.startswith("--")]
     known = set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
     return [flag for flag in flags if flag not in known]
+
+
+def upstream_option_problem(command: ServerCommand, known_text: str) -> str | None:
+    """Why the server (whose --help or source is `known_text`) cannot take an upstream-only
+    option of `command`; None when it can take them all."""
+    missing = [f for f in unsupported_flags(command, known_text) if f in UPSTREAM_SINCE]
+    if not missing:
+        return None
+    since = ", ".join(f"{flag} (mlx-lm {UPSTREAM_SINCE[flag]} and later)" for flag in missing)
+    return (
+        f"the mlx-lm release in mlx-lm-repo/ lacks {since}: move to a newer release with "
+        "update-upstream, or remove the key from the config"
+    )

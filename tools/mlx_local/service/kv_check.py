@@ -1,7 +1,8 @@
 """KV-cache quantization settings that cannot work, refused before the server starts.
 
-Two checks, both run by `config check`, `start` and `serve`: the quantization group must
-divide the model's head size (read from its config.json), and one tiny quantized attention
+Two checks, both run by `config check`, `start` and `serve`: mlx-lm must be able to quantize
+the model's KV cache (the group divides the head size, no sliding-window layers: the memory
+plan's reading of config.json and the weights headers), and one tiny quantized attention
 step must run on the backend mlx uses here (a CUDA build of mlx 0.32 has no kernel for it).
 On the CPU backend quantized KV works but decodes about ten times slower: a warning.
 """
@@ -15,11 +16,13 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import UserError
+from ..plan.guard import model_folder
+from ..plan.kv import kv_bits_problem
+from ..plan.model_shape import ModelShape, read_shape
 from .command import Model
 
 SERVER_DEFAULT_GROUP = 64
 """The server's own --kv-group-size default, in force when the config leaves it out."""
-GROUP_SIZES = (32, 64, 128)
 PROBE_TIMEOUT = 120.0
 PROBE = """
 import json, sys
@@ -56,57 +59,30 @@ class ProbeResult:
     error: str | None
 
 
-def model_config(model: Model) -> dict | None:
-    """The model's config.json: from its folder, or from the Hugging Face cache for a hub id;
-    None when it is not on this machine yet."""
-    if model.path is not None:
-        file: Path | str | None = model.path / "config.json"
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        file = try_to_load_from_cache(model.spec, "config.json")
-    if not isinstance(file, (str, Path)) or not Path(file).is_file():
-        return None
-    try:
-        return json.loads(Path(file).read_text(encoding="utf-8"))
-    except ValueError:
-        return None
-
-
-def head_size(model_json: dict) -> int | None:
-    """The attention head size a model's config.json gives (text_config for multimodal ones)."""
-    for scope in (model_json, model_json.get("text_config") or {}):
-        if isinstance(scope.get("head_dim"), int):
-            return scope["head_dim"]
-        hidden, heads = scope.get("hidden_size"), scope.get("num_attention_heads")
-        if isinstance(hidden, int) and isinstance(heads, int) and heads:
-            return hidden // heads
-    return None
-
-
 def group_size(config: Config) -> int:
     """The KV quantization group the server will use."""
     return config.options.get("kv_group_size") or SERVER_DEFAULT_GROUP
 
 
-def check_group_size(config: Config, model: Model) -> int | None:
-    """Refuse a group that does not divide the model's head size; the head size, if known."""
-    if config.options.get("kv_bits") is None:
+def check_model(config: Config, model: Model) -> ModelShape | None:
+    """Refuse kv_bits on a model whose KV cache mlx-lm cannot quantize with this group (a
+    group that does not divide the head size, sliding-window layers); the model's shape when
+    kv_bits is set and the model can be read."""
+    bits = config.options.get("kv_bits")
+    folder = model_folder(model) if bits is not None else None
+    if folder is None:
         return None
-    model_json = model_config(model)
-    head = head_size(model_json) if model_json else None
-    if head is None:
-        return None
-    group = group_size(config)
-    if head % group:
-        fits = [size for size in GROUP_SIZES if head % size == 0]
-        allowed = ", ".join(map(str, fits)) or "none of 32, 64, 128: leave kv_bits off"
+    try:
+        shape = read_shape(folder)
+    except UserError:
+        return None  # an unreadable model is the server's to report
+    problem = kv_bits_problem(shape, group_size(config))
+    if problem:
         raise UserError(
-            f"kv_group_size {group} does not divide the head size {head} of model "
-            f"{model.argument}: every request would fail; set kv_group_size in {config.path} "
-            f"to one of: {allowed}"
+            f"kv_bits = {bits} cannot work with model {model.argument}, every request would "
+            f"fail: {problem} (in {config.path})"
         )
-    return head
+    return shape
 
 
 def probe(python: Path, head: int, group: int, bits: int) -> ProbeResult:
@@ -130,11 +106,11 @@ def probe(python: Path, head: int, group: int, bits: int) -> ProbeResult:
 
 def check(config: Config, python: Path, model: Model) -> list[str]:
     """Every KV quantization check: raise on a setting that cannot work; warnings to show."""
-    head = check_group_size(config, model)
+    shape = check_model(config, model)
     bits = config.options.get("kv_bits")
-    if bits is None or head is None:
+    if bits is None or shape is None:
         return []
-    result = probe(python, head, group_size(config), bits)
+    result = probe(python, shape.head_dim, group_size(config), bits)
     if result.error is not None:
         raise UserError(
             f"kv_bits = {bits} cannot run on this machine's {result.backend} backend "

@@ -18,7 +18,7 @@ from ..config import Config
 from ..errors import UserError
 from ..project import Project
 from . import exposure, kv_check, logs, process
-from .command import Model, ServerCommand, build_command, resolve_model
+from .command import Model, ServerCommand, build_command, resolve_model, upstream_option_problem
 
 HUB_TIMEOUT = 5.0
 
@@ -104,7 +104,14 @@ def plan(
             )
             model = demo
     warnings += kv_check.check(config, python, model)
-    return Plan(build_command(config, project, python, model), warnings)
+    command = build_command(config, project, python, model)
+    source = project.checkout_dir / "mlx_lm" / "server.py"
+    problem = upstream_option_problem(
+        command, source.read_text("utf-8") if source.is_file() else ""
+    )
+    if problem:
+        raise UserError(problem)
+    return Plan(command, warnings)
 
 
 def curl_example(host: str, port: int, served_name: str, with_key: bool) -> str:
