@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_local.processes import free_port, terminate
@@ -71,3 +73,50 @@ def run_cli(
         env=full_env,
         timeout=timeout,
     )
+
+
+@dataclass(frozen=True)
+class ServiceProject:
+    root: Path
+    port: int
+    env: dict[str, str]
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(list(args), self.root, env=self.env, timeout=300)
+
+    def status(self) -> dict:
+        result = self.cli("status", "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    @property
+    def pid_file(self) -> Path:
+        return self.root / ".mlx-local" / "server.pid"
+
+
+def make_service_project(
+    base: Path,
+    runtime_root: Path,
+    python: Path,
+    demo_model: Path,
+    extra: str = "",
+    max_tokens: int = 8,
+) -> ServiceProject:
+    """A project that borrows a set-up checkout and serves the demo model on a free port, with
+    no login service installed and the hub offline."""
+    root = base / "service project"
+    (root / "local-models").mkdir(parents=True)
+    (root / "mlx-lm-repo").symlink_to(runtime_root / "mlx-lm-repo")
+    (root / "local-models" / "demo").symlink_to(demo_model)
+    port = free_port()
+    (root / "config.toml").write_text(
+        f'model = "demo"\nport = {port}\nmax_tokens = {max_tokens}\n{extra}\n'
+        "[service]\nstart_timeout = 180\nstop_timeout = 10\n"
+    )
+    env = {
+        "MLX_LOCAL_PYTHON": str(python),
+        "MLX_LOCAL_SERVICE_DIR": str(base / "no-service-installed"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(base / "hf-home"),
+    }
+    return ServiceProject(root, port, env)

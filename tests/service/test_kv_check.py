@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mlx_local.service import kv_check
-from tests.service.test_service_process import make_service_project
+from tests.helpers import make_service_project
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mlx_local.models.demo_model import corpus_text
 from mlx_local.service import metrics
 from tests.conftest import PatchedRuntime
-from tests.helpers import free_port, run_cli, running_server
+from tests.helpers import make_service_project, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -219,32 +219,21 @@ def test_own_parser_agrees_with_prometheus_client(server: str) -> None:
 def test_status_shows_the_metrics(
     patched_runtime: PatchedRuntime, demo_model: Path, tmp_path: Path
 ) -> None:
-    root = tmp_path / "project"
-    (root / "local-models").mkdir(parents=True)
-    (root / "mlx-lm-repo").symlink_to(patched_runtime.root / "mlx-lm-repo")
-    (root / "local-models" / "demo").symlink_to(demo_model)
-    port = free_port()
-    (root / "config.toml").write_text(
-        f'model = "demo"\nport = {port}\napi_key = "{KEY}"\n'
-        "[service]\nstart_timeout = 180\nstop_timeout = 10\n"
+    proj = make_service_project(
+        tmp_path, patched_runtime.root, patched_runtime.python, demo_model, f'api_key = "{KEY}"'
     )
-    env = {
-        "MLX_LOCAL_PYTHON": str(patched_runtime.python),
-        "MLX_LOCAL_SERVICE_DIR": str(tmp_path / "no-service-installed"),
-        "HF_HUB_OFFLINE": "1",
-    }
     try:
-        started = run_cli(["start"], root, env=env, timeout=300)
+        started = proj.cli("start")
         assert started.returncode == 0, started.stdout + started.stderr
-        base_url = f"http://127.0.0.1:{port}"
+        base_url = f"http://127.0.0.1:{proj.port}"
         _, usage = chat(base_url, [{"role": "user", "content": "Summarise the notes."}])
-        result = run_cli(["status", "--json"], root, env=env, timeout=60)
+        result = proj.cli("status", "--json")
         assert result.returncode == 0, result.stderr
         shown = json.loads(result.stdout)["metrics"]
         _, samples = scrape(base_url)
-        panel = run_cli(["status"], root, env=env, timeout=60).stdout
+        panel = proj.cli("status").stdout
     finally:
-        run_cli(["stop"], root, env=env, timeout=120)
+        proj.cli("stop")
 
     assert shown["requests"] == 1
     assert shown["generation_tokens"] == usage["completion_tokens"]

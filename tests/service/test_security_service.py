@@ -10,48 +10,24 @@ import secrets
 import socket
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from mlx_local.service import process
 from tests.conftest import PatchedRuntime
-from tests.helpers import free_port, run_cli
+from tests.helpers import ServiceProject, make_service_project
 
 pytestmark = pytest.mark.slow
 
 KEY_ENV = "MLX_LOCAL_TEST_SECRET"
 
 
-@dataclass(frozen=True)
-class Project:
-    root: Path
-    port: int
-    env: dict[str, str]
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return run_cli(list(args), self.root, env=self.env, timeout=300)
-
-
-def make_project(base: Path, runtime: PatchedRuntime, demo_model: Path, extra: str) -> Project:
-    """A project that borrows the set-up checkout and serves the demo model on a free port."""
-    root = base / "project"
-    (root / "local-models").mkdir(parents=True)
-    (root / "mlx-lm-repo").symlink_to(runtime.root / "mlx-lm-repo")
-    (root / "local-models" / "demo").symlink_to(demo_model)
-    port = free_port()
-    (root / "config.toml").write_text(
-        f'model = "demo"\nport = {port}\nmax_tokens = 4\n{extra}\n'
-        "[service]\nstart_timeout = 180\nstop_timeout = 10\n"
-    )
-    env = {
-        "MLX_LOCAL_PYTHON": str(runtime.python),
-        "MLX_LOCAL_SERVICE_DIR": str(base / "no-service-installed"),
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(base / "hf-home"),
-    }
-    return Project(root, port, env)
+def make_project(
+    base: Path, runtime: PatchedRuntime, demo_model: Path, extra: str
+) -> ServiceProject:
+    """A service project on the demo model (4 tokens an answer) with `extra` settings."""
+    return make_service_project(base, runtime.root, runtime.python, demo_model, extra, 4)
 
 
 def lan_address() -> str | None:
@@ -103,7 +79,7 @@ def test_a_bind_beyond_loopback_without_a_key_is_refused(
 @pytest.fixture
 def lan_service(
     tmp_path: Path, patched_runtime: PatchedRuntime, demo_model: Path
-) -> Iterator[tuple[Project, str, subprocess.CompletedProcess[str]]]:
+) -> Iterator[tuple[ServiceProject, str, subprocess.CompletedProcess[str]]]:
     """`mlx-local start` on 0.0.0.0 with a key from the environment; DEBUG logging."""
     key = f"sk-{secrets.token_hex(16)}"
     extra = f'host = "0.0.0.0"\napi_key_env = "{KEY_ENV}"\nlog_level = "DEBUG"'
@@ -117,7 +93,7 @@ def lan_service(
 
 
 def test_with_a_key_it_serves_beyond_loopback_and_needs_the_key(
-    lan_service: tuple[Project, str, subprocess.CompletedProcess[str]],
+    lan_service: tuple[ServiceProject, str, subprocess.CompletedProcess[str]],
 ) -> None:
     proj, key, started = lan_service
     assert started.returncode == 0, started.stdout + started.stderr
@@ -142,7 +118,7 @@ def test_with_a_key_it_serves_beyond_loopback_and_needs_the_key(
 
 
 def test_the_key_is_in_no_process_list_log_status_unit_or_plist(
-    lan_service: tuple[Project, str, subprocess.CompletedProcess[str]],
+    lan_service: tuple[ServiceProject, str, subprocess.CompletedProcess[str]],
 ) -> None:
     proj, key, started = lan_service
     assert started.returncode == 0, started.stdout + started.stderr

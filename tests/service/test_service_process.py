@@ -17,54 +17,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from mlx_local import processes
-from tests.helpers import VENV_BIN, free_port, run_cli
-
-
-@dataclass(frozen=True)
-class ServiceProject:
-    root: Path
-    port: int
-    env: dict[str, str]
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return run_cli(list(args), self.root, env=self.env, timeout=300)
-
-    def status(self) -> dict:
-        result = self.cli("status", "--json")
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)
-
-    @property
-    def pid_file(self) -> Path:
-        return self.root / ".mlx-local" / "server.pid"
-
-
-def make_service_project(
-    base: Path, runtime_root: Path, python: Path, demo_model: Path, extra: str = ""
-) -> ServiceProject:
-    """A project that borrows a set-up checkout and serves the demo model on a free port."""
-    root = base / "service project"
-    (root / "local-models").mkdir(parents=True)
-    (root / "mlx-lm-repo").symlink_to(runtime_root / "mlx-lm-repo")
-    (root / "local-models" / "demo").symlink_to(demo_model)
-    port = free_port()
-    (root / "config.toml").write_text(
-        f'model = "demo"\nport = {port}\nmax_tokens = 8\n{extra}\n'
-        "[service]\nstart_timeout = 180\nstop_timeout = 10\n"
-    )
-    env = {
-        "MLX_LOCAL_PYTHON": str(python),
-        "MLX_LOCAL_SERVICE_DIR": str(base / "no-service-installed"),
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(base / "hf-home"),
-    }
-    return ServiceProject(root, port, env)
+from tests.helpers import VENV_BIN, ServiceProject, make_service_project, run_cli
 
 
 @pytest.fixture
