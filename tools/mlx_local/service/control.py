@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import Config
 from ..errors import UserError
 from ..project import PYTHON_ENV, ROOT_ENV, Project
-from . import install, launchd, logs, process, systemd
+from . import cluster, install, launchd, logs, process, systemd
 from .serve import plan
 
 LOG_LINES_ON_FAILURE = 20
@@ -118,7 +118,22 @@ def start(
 
 
 def stop(project: Project, config: Config) -> Outcome:
-    """Stop the server gracefully; it stays stopped."""
+    """Stop the server gracefully; it stays stopped. A group: every rank on every host too."""
+    outcome = _stop(project, config)
+    if config.distributed is not None:
+        left = cluster.stop_ranks(cluster.ranks(project, config.distributed), 0.0)
+        alive = [state for state in left if state.alive]
+        if alive:
+            raise UserError(
+                "still alive after stop: "
+                + "; ".join(f"rank {s.rank} on {s.host} (pid {s.pid})" for s in alive)
+                + "; run `mlx-local stop` again, or kill them on their hosts"
+            )
+        cluster.key_file(project).unlink(missing_ok=True)
+    return outcome
+
+
+def _stop(project: Project, config: Config) -> Outcome:
     kind = install.installed_kind()
     if kind == "launchd":
         pid = launchd.pid()
@@ -156,6 +171,7 @@ class Status:
     pid_file: str | None
     log_file: str
     detail: str = ""
+    ranks: list[dict] = field(default_factory=list)  # a [distributed] group: each rank
 
 
 def status(project: Project, config: Config) -> Status:
@@ -213,4 +229,10 @@ def status(project: Project, config: Config) -> Status:
         pid_file=str(pid_file.path) if kind is None else None,
         log_file=str(config.service.log_file),
         detail=detail,
+        ranks=[
+            asdict(rank)
+            for rank in cluster.signal_ranks(cluster.ranks(project, config.distributed))
+        ]
+        if config.distributed is not None
+        else [],
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..config import Config
 from ..errors import UserError
 from ..project import Project
-from . import logs, process
+from . import cluster, logs, process
 from .command import Model, ServerCommand, build_command, resolve_model
 
 HUB_TIMEOUT = 5.0
@@ -103,7 +103,10 @@ def plan(
                 f"model {demo.path} instead (it talks gibberish)"
             )
             model = demo
-    return Plan(build_command(config, project, python, model), warnings)
+    command = build_command(config, project, python, model)
+    if config.distributed is not None:
+        command = cluster.launch_command(project, config.distributed, python, command)
+    return Plan(command, warnings)
 
 
 def curl_example(host: str, port: int, served_name: str, with_key: bool) -> str:
