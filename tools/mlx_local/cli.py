@@ -20,9 +20,15 @@ Handler = Callable[[argparse.Namespace], int | None]
 
 def _command_groups() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Every area's `register(subparsers)`; the only place that knows which commands exist."""
-    from . import cli_bench, cli_models, cli_repo, cli_service
+    from . import cli_bench, cli_cluster, cli_models, cli_repo, cli_service
 
-    return [cli_repo.register, cli_models.register, cli_service.register, cli_bench.register]
+    return [
+        cli_repo.register,
+        cli_models.register,
+        cli_service.register,
+        cli_cluster.register,
+        cli_bench.register,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:

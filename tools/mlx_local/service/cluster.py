@@ -130,12 +130,11 @@ def launch_command(
 
 
 class LaunchCommand(ServerCommand):
-    """The mlx.launch command of a group; `display` keeps the rank prologue short."""
+    """The mlx.launch command of a group (the API key reaches rank 0 through a file)."""
 
     def display(self) -> str:
-        """The command line as a shell would take it, with the rank prologue elided."""
-        shown = ["'<rank prologue>'" if p == RANK_PROLOGUE else shlex.quote(p) for p in self.argv]
-        return " ".join(shown)
+        """The exact command line as a shell would take it."""
+        return shlex.join(self.argv)
 
 
 def key_file(project: Project) -> Path:
