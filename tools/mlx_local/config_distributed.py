@@ -8,7 +8,7 @@ under `mlx.launch`, one rank per host entry; rank 0 (the first host, this machin
     backend = "ring"                       # ring, jaccl, mpi; nccl where mlx runs on CUDA
     mode = "tensor"                        # or "pipeline" (layers split across ranks)
     remote_root = "/Users/me/mlx-local"    # this project on the other hosts (default: same path)
-    remote_python = "/Users/me/mlx-local/.venv/bin/python"  # default: <remote_root>/.venv/...
+    remote_python = "/Users/me/mlx-local/.venv/bin/python"  # default: see Distributed
     starting_port = 32323                  # first TCP port of the ring/jaccl backends
     [distributed.env]                      # extra environment of every rank
     MLX_METAL_FAST_SYNCH = "1"
@@ -49,7 +49,7 @@ class Distributed:
     backend: str
     mode: str
     remote_root: Path
-    remote_python: Path
+    remote_python: Path | None  # None: <remote_root>/.venv/bin/python, or rank 0's python
     hostfile: Path | None = None
     starting_port: int | None = None
     env: dict[str, str] = field(default_factory=dict)
@@ -57,6 +57,13 @@ class Distributed:
     @property
     def size(self) -> int:
         return len(self.hosts)
+
+    def python_of_others(self, root: Path, python: Path) -> Path:
+        """The python of ranks 1.. when rank 0 runs `python` in the project at `root`: the
+        configured one, else the same path when the project sits at the same path."""
+        if self.remote_python is not None:
+            return self.remote_python
+        return python if self.remote_root == root else self.remote_root / ".venv" / "bin" / "python"
 
 
 def _hostfile(path: Path) -> tuple[list[str], str | None]:
@@ -162,13 +169,13 @@ def parse(table: dict[str, Any], root: Path) -> Distributed:
     hostfile = _path(table["hostfile"], root) if "hostfile" in table else None
     hosts, file_backend = _hostfile(hostfile) if hostfile else (list(table["hosts"]), None)
     remote_root = Path(os.path.expanduser(table.get("remote_root", str(root))))
-    python = table.get("remote_python", str(remote_root / ".venv" / "bin" / "python"))
+    python = table.get("remote_python")
     return Distributed(
         hosts=tuple(hosts),
         backend=table.get("backend", file_backend or "ring"),
         mode=table.get("mode", "tensor"),
         remote_root=remote_root,
-        remote_python=Path(os.path.expanduser(python)),
+        remote_python=Path(os.path.expanduser(python)) if python else None,
         hostfile=hostfile,
         starting_port=table.get("starting_port"),
         env={k: str(v) for k, v in table.get("env", {}).items()},

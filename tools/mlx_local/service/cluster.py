@@ -125,7 +125,8 @@ def launch_command(
     for name, value in sorted(group.env.items()):
         argv += ["--env", f"{name}={value}"]
     argv += ["--", "/bin/sh", "-c", RANK_PROLOGUE, "mlx-local-rank"]
-    argv += [str(project.root), str(python), str(group.remote_root), str(group.remote_python)]
+    others = group.python_of_others(project.root, python)
+    argv += [str(project.root), str(python), str(group.remote_root), str(others)]
     return LaunchCommand(argv=argv + args, env=dict(server.env), model=server.model)
 
 

@@ -127,8 +127,9 @@ def _compare(here: Probe, there: Probe, model: str) -> list[str]:
         )
     if t["queue"] != h["queue"] or t["mlx_lm"] != h["mlx_lm"]:
         problems.append(
-            f"{host}: patch queue {t['queue']} on mlx-lm {t['mlx_lm']}, rank 0 has {h['queue']} "
-            f"on mlx-lm {h['mlx_lm']}; fix: {on}'{at}.venv/bin/setup-repo' (same commit first)"
+            f"{host}: patch queue {t['queue']} on mlx-lm {t['mlx_lm'] or '(not installed)'}, "
+            f"rank 0 has {h['queue']} on mlx-lm {h['mlx_lm']}; fix: "
+            f"{on}'{at}.venv/bin/setup-repo' (same commit first)"
         )
     if t["mlx"] != h["mlx"]:
         problems.append(
@@ -195,8 +196,8 @@ def check(project: Project, group: Distributed, python: Path, model: str) -> Rep
     targets = {}
     for rank in ranks:
         root = str(project.root) if rank.rank == 0 else str(group.remote_root)
-        py = str(python) if rank.rank == 0 else str(group.remote_python)
-        targets.setdefault((rank.host, root, py), None)
+        py = python if rank.rank == 0 else group.python_of_others(project.root, python)
+        targets.setdefault((rank.host, root, str(py)), None)
     probes = [probe(host, root, py, model) for host, root, py in targets]
     here = probes[0]
     if here.facts is None:
