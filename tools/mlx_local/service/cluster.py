@@ -166,12 +166,13 @@ def signal_ranks(rank_list: list[Rank], action: str = "status") -> list[RankStat
         argv += [str(r.pid_file) for r in on_host]
         try:
             result = subprocess.run(argv, capture_output=True, text=True, timeout=SSH_TIMEOUT)
-            lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+            rows = [line.rsplit(" ", 3) for line in result.stdout.splitlines()]
+            lines = {row[0]: row[1:] for row in rows if len(row) == 4}
             error = "" if result.returncode == 0 else (result.stderr.strip() or "ssh failed")
         except (OSError, subprocess.TimeoutExpired) as failure:
             lines, error = {}, str(failure)
         for rank in on_host:
-            fields = lines.get(str(rank.pid_file), "- 0 0").split()
+            fields = lines.get(str(rank.pid_file), ["-", "0", "0"])
             pid = int(fields[0]) if fields[0].isdigit() else None
             alive = fields[1] == "1"
             rss = int(fields[2]) * 1024 if alive and fields[2].isdigit() else None
