@@ -118,7 +118,7 @@ def test_pipeline_two_ranks_one_over_ssh(group: GroupProject, pipeline_model: Pa
     assert started.returncode == 0, started.stdout + started.stderr
     assert chat(group, "Split over two").usage.completion_tokens > 0
     ranks = status(group)["ranks"]
-    assert [(r["host"], r["alive"]) for r in ranks] == [("127.0.0.1", True), (REMOTE, True)]
+    assert [(r["host"], r["alive"]) for r in ranks] == [("127.0.0.1", True), (REMOTE, True)], ranks
     assert "sshd" in parent_command(ranks[1]["pid"])  # rank 1 really came in over ssh
     assert "sshd" not in parent_command(ranks[0]["pid"])
     assert_stops_cleanly(group)

@@ -162,8 +162,8 @@ def signal_ranks(rank_list: list[Rank], action: str = "status") -> list[RankStat
     """Ask each host about its ranks, sending `action` (TERM, KILL) to the live ones."""
     states = []
     for host, on_host in _by_host(rank_list).items():
-        argv = ssh_command(f"{host}", f"ACTION={action}\n{HOST_SCRIPT}")
-        argv += [str(r.pid_file) for r in on_host]
+        files = [str(rank.pid_file) for rank in on_host]
+        argv = ssh_command(host, f"ACTION={action}\n{HOST_SCRIPT}", *files)
         try:
             result = subprocess.run(argv, capture_output=True, text=True, timeout=SSH_TIMEOUT)
             rows = [line.rsplit(" ", 3) for line in result.stdout.splitlines()]
