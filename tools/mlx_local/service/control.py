@@ -121,13 +121,16 @@ def stop(project: Project, config: Config) -> Outcome:
     """Stop the server gracefully; it stays stopped. A group: every rank on every host too."""
     outcome = _stop(project, config)
     if config.distributed is not None:
-        left = cluster.stop_ranks(cluster.ranks(project, config.distributed), 0.0)
-        alive = [state for state in left if state.alive]
-        if alive:
+        rank_list = cluster.ranks(project, config.distributed)
+        left = cluster.stop_ranks(rank_list, config.service.stop_timeout)
+        unsure = [state for state in left if state.alive or state.error]
+        if unsure:
             raise UserError(
-                "still alive after stop: "
-                + "; ".join(f"rank {s.rank} on {s.host} (pid {s.pid})" for s in alive)
-                + "; run `mlx-local stop` again, or kill them on their hosts"
+                "not stopped for sure: "
+                + "; ".join(
+                    f"rank {s.rank} on {s.host} ({s.error or f'pid {s.pid} alive'})" for s in unsure
+                )
+                + "; run `mlx-local stop` again, or stop them on their hosts"
             )
         cluster.key_file(project).unlink(missing_ok=True)
     return outcome

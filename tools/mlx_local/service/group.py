@@ -43,15 +43,15 @@ def _copy(stream, write: Callable[[bytes], None]) -> None:
 
 
 def _kill_group(launch: subprocess.Popen, timeout: float) -> None:
-    """End mlx.launch and whatever is left in its process group (local ranks, ssh clients)."""
-    for signum, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(launch.pid, signum)
-        try:
-            launch.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """End mlx.launch and whatever is left in its process group (local ranks, ssh clients):
+    SIGTERM, up to `timeout` seconds for mlx.launch, then SIGKILL to anything left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(launch.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        launch.wait(timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(launch.pid, signal.SIGKILL)
+    launch.wait()
 
 
 def run(
@@ -114,8 +114,9 @@ def run(
             banner = None
     if reason:
         write(f"mlx-local: {reason}; stopping the whole group\n".encode())
-    cluster.stop_ranks(rank_list, config.service.stop_timeout)
-    _kill_group(launch, config.service.stop_timeout)
+    # within the service manager's stop timeout: half for the ranks, then mlx.launch's group
+    cluster.stop_ranks(rank_list, config.service.stop_timeout / 2)
+    _kill_group(launch, config.service.stop_timeout / 4)
     os.close(stdin_write)
     key.unlink(missing_ok=True)
     copier.join(5)
