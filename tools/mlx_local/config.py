@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import config_distributed
 from .atomic import write_atomic
 from .errors import UserError
 from .project import Project
@@ -256,6 +257,7 @@ class Config:
     path: Path
     options: dict[str, Any]
     service: ServiceSettings
+    distributed: config_distributed.Distributed | None = None
 
     @property
     def model(self) -> str:
@@ -306,9 +308,9 @@ def _check_table(data: dict[str, Any], keys: dict[str, Key], prefix: str) -> lis
     return problems
 
 
-def validate(data: dict[str, Any]) -> list[str]:
+def validate(data: dict[str, Any], root: Path | None = None) -> list[str]:
     """Every problem of a merged configuration, one line each (empty when valid)."""
-    top = {k: v for k, v in data.items() if k != "service"}
+    top = {k: v for k, v in data.items() if k not in ("service", "distributed")}
     problems = _check_table(top, SERVER_KEYS, "")
     service = data.get("service", {})
     if isinstance(service, dict):
@@ -324,6 +326,9 @@ def validate(data: dict[str, Any]) -> list[str]:
         )
     if "kv_group_size" in data and "kv_bits" not in data:
         problems.append("kv_group_size is set without kv_bits; allowed: set kv_bits as well")
+    if "distributed" in data:
+        problems += config_distributed.validate(data["distributed"], root or Path.cwd())
+        problems += config_distributed.server_problems(data)
     return problems
 
 
@@ -333,6 +338,7 @@ def merge(defaults: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
     merged = {**defaults, **user}
     if user.get("prompt_cache_dir") is False and "prompt_cache_dir_bytes" not in user:
         merged.pop("prompt_cache_dir_bytes", None)
+    config_distributed.drop_disk_cache_default(merged, user)
     if isinstance(defaults.get("service"), dict) and isinstance(user.get("service"), dict):
         merged["service"] = {**defaults["service"], **user["service"]}
     return merged
@@ -362,7 +368,7 @@ def load(project: Project, path: Path | None = None) -> Config:
         ensure_user_config(project)
         path = project.user_config_file
     data = merge(defaults, _read_toml(path))
-    problems = validate(data)
+    problems = validate(data, project.root)
     if problems:
         lines = "\n  ".join(problems)
         raise UserError(f"{path} has {len(problems)} problem(s):\n  {lines}")
@@ -375,11 +381,13 @@ def load(project: Project, path: Path | None = None) -> Config:
         start_timeout=float(service.get("start_timeout", 120)),
         stop_timeout=float(service.get("stop_timeout", 15)),
     )
-    options = {k: v for k, v in data.items() if k != "service"}
+    options = {k: v for k, v in data.items() if k not in ("service", "distributed")}
     if "prompt_cache_bytes" in options:  # upstream's parser knows neither K nor T nor 1024s
         options["prompt_cache_bytes"] = parse_bytes(options["prompt_cache_bytes"])
     for key in PATH_KEYS:
         if isinstance(options.get(key), str):
             value = Path(os.path.expanduser(options[key]))
             options[key] = str(value if value.is_absolute() else project.root / value)
-    return Config(path=path, options=options, service=settings)
+    group = data.get("distributed")
+    group = config_distributed.parse(group, project.root) if group is not None else None
+    return Config(path=path, options=options, service=settings, distributed=group)

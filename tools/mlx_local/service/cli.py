@@ -19,7 +19,19 @@ from .. import project
 from ..atomic import write_atomic
 from ..errors import UserError
 from ..plan import guard
-from . import command, control, exposure, install, kv_check, logs, metrics, process, serve
+from . import (
+    cli_cluster,
+    command,
+    control,
+    exposure,
+    group,
+    install,
+    kv_check,
+    logs,
+    metrics,
+    process,
+    serve,
+)
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -28,7 +40,8 @@ STATE_STYLE = {"running": "green", "starting": "yellow", "crashed": "red", "stop
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the service commands."""
+    """Add the service commands (and `cluster check`, from cli_cluster)."""
+    cli_cluster.register(sub)
     cfg = sub.add_parser("config", help="the settings file: init, path, show, check")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     init = cfg_sub.add_parser("init", help="create config.toml from the defaults")
@@ -219,6 +232,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_bytes = settings.log_max_mb * 1024 * 1024
         log = logs.RotatingLog(settings.log_file, max_bytes, settings.log_backups)
     announce = None if args.log else (cfg.host, cfg.port, _banner(cfg, bool(plan.command.env)))
+    if cfg.distributed is not None:
+        return group.run(proj, cfg, plan.command, log, announce and announce[2])
     serve.exec_server(plan.command, log, announce)
     return 0  # not reached: exec_server replaces this process
 
@@ -314,10 +329,18 @@ def _status(args: argparse.Namespace) -> int:
     if state.detail:
         rows.append(("detail", state.detail))
     rows += metrics.panel_rows(state.metrics, state.metrics_detail)
+    rows += [_rank_row(rank) for rank in state.ranks]
     for name, value in rows:
         table.add_row(name, value)
     console.print(Panel(table, title="mlx-local server", expand=False), highlight=False)
     return 0
+
+
+def _rank_row(rank: dict) -> tuple[str, str]:
+    alive = "[green]alive[/]" if rank["alive"] else "[red]down[/]"
+    memory = f", {rank['rss_bytes'] / 2**20:.0f} MiB" if rank["rss_bytes"] else ""
+    error = f" ({rank['error']})" if rank["error"] else ""
+    return f"rank {rank['rank']}", f"{rank['host']} pid {rank['pid'] or '-'} {alive}{memory}{error}"
 
 
 def _logs(args: argparse.Namespace) -> int:

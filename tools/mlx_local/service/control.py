@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .. import processes
 from ..config import Config
 from ..errors import UserError
 from ..project import PYTHON_ENV, ROOT_ENV, Project
-from . import install, launchd, logs, process, systemd
+from . import cluster, install, launchd, logs, process, systemd
 from . import metrics as metrics_mod
 from .serve import plan
 
@@ -121,7 +121,25 @@ def start(
 
 
 def stop(project: Project, config: Config) -> Outcome:
-    """Stop the server gracefully; it stays stopped."""
+    """Stop the server gracefully; it stays stopped. A group: every rank on every host too."""
+    outcome = _stop(project, config)
+    if config.distributed is not None:
+        rank_list = cluster.ranks(project, config.distributed)
+        left = cluster.stop_ranks(rank_list, config.service.stop_timeout)
+        unsure = [state for state in left if state.alive or state.error]
+        if unsure:
+            raise UserError(
+                "not stopped for sure: "
+                + "; ".join(
+                    f"rank {s.rank} on {s.host} ({s.error or f'pid {s.pid} alive'})" for s in unsure
+                )
+                + "; run `mlx-local stop` again, or stop them on their hosts"
+            )
+        cluster.key_file(project).unlink(missing_ok=True)
+    return outcome
+
+
+def _stop(project: Project, config: Config) -> Outcome:
     kind = install.installed_kind()
     if kind == "launchd":
         pid = launchd.pid()
@@ -161,6 +179,7 @@ class Status:
     detail: str = ""
     metrics: metrics_mod.Summary | None = None  # from GET /metrics when the server answers
     metrics_detail: str = ""  # why there are no metrics
+    ranks: list[dict] = field(default_factory=list)  # a [distributed] group: each rank
 
 
 def status(project: Project, config: Config) -> Status:
@@ -221,4 +240,10 @@ def status(project: Project, config: Config) -> Status:
         detail=detail,
         metrics=summary,
         metrics_detail=why,
+        ranks=[
+            asdict(rank)
+            for rank in cluster.signal_ranks(cluster.ranks(project, config.distributed))
+        ]
+        if config.distributed is not None
+        else [],
     )

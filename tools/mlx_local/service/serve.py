@@ -17,7 +17,7 @@ from pathlib import Path
 from ..config import Config
 from ..errors import UserError
 from ..project import Project
-from . import exposure, kv_check, logs, process
+from . import cluster, exposure, kv_check, logs, process
 from .command import Model, ServerCommand, build_command, resolve_model, upstream_option_problem
 
 HUB_TIMEOUT = 5.0
@@ -111,6 +111,9 @@ def plan(
     )
     if problem:
         raise UserError(problem)
+    command = build_command(config, project, python, model)
+    if config.distributed is not None:
+        command = cluster.launch_command(project, config.distributed, python, command)
     return Plan(command, warnings)
 
 
