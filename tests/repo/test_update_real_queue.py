@@ -62,10 +62,11 @@ def test_queue_moves_to_newer_releases_and_keeps_every_option(
     tmp_path: Path, stand_in_upstream: Path, demo_model: Path
 ) -> None:
     home = make_project(tmp_path / "project")
-    # the queue as it was before any update: no patch guarded yet
+    # the queue as it was before any update: no patch guarded for being absorbed yet
     series = patchqueue.Series.load(home / "patches" / "series")
     for entry in series.entries:
-        entry.guard = None
+        if entry.guard is not None and "<" in str(entry.guard):
+            entry.guard = None
     series.save(home / "patches" / "series")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

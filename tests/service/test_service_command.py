@@ -25,6 +25,7 @@ listen_backlog = 256
 served_model_name = "my-id"
 max_tokens = 64
 prompt_cache_size = 1
+prompt_cache_bytes = "8M"
 prompt_cache_dir = "pc"
 prompt_cache_dir_bytes = "512M"
 kv_bits = 4
@@ -58,6 +59,7 @@ EXPECTED = [
     ("--served-model-name", "my-id"),
     ("--max-tokens", "64"),
     ("--prompt-cache-size", "1"),
+    ("--prompt-cache-bytes", "8388608"),
     ("--prompt-cache-dir", "{root}/pc"),
     ("--prompt-cache-dir-bytes", "512M"),
     ("--kv-bits", "4"),

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
 
 from ..errors import UserError
 
@@ -27,6 +35,8 @@ ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
+THINK_TOKENS = ["<think>", "</think>"]
+"""Qwen3's reasoning markers: added (not special) tokens, so mlx-lm sees a thinking model."""
 
 # ChatML as Qwen writes it, with Qwen3's `enable_thinking=False` switch.
 CHAT_TEMPLATE = (
@@ -72,6 +82,7 @@ def train_tokenizer(text: str, vocab_size: int = TOKENIZER_VOCAB) -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in THINK_TOKENS])
     return tokenizer
 
 
@@ -152,9 +163,9 @@ def tokenizer_config(token_ids: dict[str, int]) -> dict:
                 "normalized": False,
                 "rstrip": False,
                 "single_word": False,
-                "special": True,
+                "special": t in SPECIAL_TOKENS,
             }
-            for t in SPECIAL_TOKENS
+            for t in SPECIAL_TOKENS + THINK_TOKENS
         },
         "additional_special_tokens": [IM_START, IM_END],
     }
@@ -167,7 +178,7 @@ def _write_json(path: Path, data: dict) -> None:
 def write_demo_files(folder: Path, seed: int = SEED) -> None:
     """Write every file of the demo model into the existing, empty `folder`."""
     tokenizer = train_tokenizer(corpus_text())
-    token_ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    token_ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS + THINK_TOKENS}
     # Round the embedding up to a multiple of 64, as real models pad their vocabularies.
     vocab_size = -(-tokenizer.get_vocab_size() // 64) * 64
     config = model_config(vocab_size, token_ids)

@@ -19,6 +19,7 @@ from .. import project
 from ..atomic import write_atomic
 from ..errors import UserError
 from ..plan import guard
+from ..plan.estimate import Verdict
 from . import (
     cli_cluster,
     command,
@@ -170,7 +171,7 @@ def _config_check(args: argparse.Namespace) -> int:
         console.print(f"model: hub id {model.spec} (downloaded on first start)", highlight=False)
     else:
         console.print(f"model: {model.path}", highlight=False)
-    _verdict(cfg, model, console)
+    _show_verdict(guard.config_verdict(cfg, model), console)
     console.print("server command line:", highlight=False)
     print(cmd.display())
     if args.no_probe:
@@ -194,9 +195,10 @@ def _config_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verdict(cfg: config_mod.Config, model: command.Model, out: Console) -> None:
-    """Print the memory plan's one-line verdict; refuse a model whose weights cannot fit."""
-    result = guard.config_verdict(cfg, model)
+def _show_verdict(result: Verdict | None, out: Console) -> None:
+    """Print the memory plan's one-line verdict, its level in colour."""
+    if result is None:
+        return
     style = {"fits": "green", "tight": "yellow", "does not fit": "red"}.get(result.level)
     head, found, rest = result.line.partition(result.level)
     if style and found:
@@ -224,7 +226,7 @@ def _serve(args: argparse.Namespace) -> int:
     plan = serve.plan(proj, cfg, python, args.model, args.fallback_demo)
     for warning in plan.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-    _verdict(cfg, plan.command.model, err_console)
+    _show_verdict(plan.verdict, err_console)
     err_console.print(f"starting: {plan.command.display()}", highlight=False, soft_wrap=True)
     log = None
     if args.log:
@@ -241,6 +243,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _render_start(outcome: control.Outcome, cfg: config_mod.Config) -> None:
     for warning in outcome.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    _show_verdict(outcome.verdict, err_console)
     pid = f" (pid {outcome.pid})" if outcome.pid else ""
     verb = "already running" if outcome.action == "already-running" else "started"
     console.print(
@@ -252,7 +255,6 @@ def _render_start(outcome: control.Outcome, cfg: config_mod.Config) -> None:
 
 def _start(args: argparse.Namespace) -> int:
     proj, cfg = _load()
-    _verdict(cfg, command.resolve_model(args.model or cfg.model, proj), err_console)
     outcome = control.start(proj, cfg, project.runtime_python(), args.model, args.fallback_demo)
     _render_start(outcome, cfg)
     return 0
@@ -284,9 +286,10 @@ def _stop(args: argparse.Namespace) -> int:
 
 def _restart(args: argparse.Namespace) -> int:
     proj, cfg = _load()
-    _verdict(cfg, command.resolve_model(args.model or cfg.model, proj), err_console)
+    python = project.runtime_python()
+    serve.plan(proj, cfg, python, args.model, args.fallback_demo)  # refuse before stopping
     _render_stop(control.stop(proj, cfg))
-    outcome = control.start(proj, cfg, project.runtime_python(), args.model, args.fallback_demo)
+    outcome = control.start(proj, cfg, python, args.model, args.fallback_demo)
     _render_start(outcome, cfg)
     return 0
 

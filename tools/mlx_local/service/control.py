@@ -11,6 +11,7 @@ from pathlib import Path
 from .. import processes
 from ..config import Config
 from ..errors import UserError
+from ..plan.estimate import Verdict
 from ..project import PYTHON_ENV, ROOT_ENV, Project
 from . import cluster, install, launchd, logs, process, systemd
 from . import metrics as metrics_mod
@@ -28,6 +29,7 @@ class Outcome:
     pid: int | None = None
     url: str | None = None
     warnings: tuple[str, ...] = ()
+    verdict: Verdict | None = None  # the memory plan's verdict for what was started
 
 
 def _failure(message: str, config: Config) -> UserError:
@@ -80,8 +82,9 @@ def start(
         if process.healthy(config.host, config.port):
             return Outcome("already-running", kind, url=url)
         check_port(config)
-        warnings = plan(project, config, python).warnings
-        return replace(_service_start(kind, project, config), warnings=tuple(warnings))
+        server = plan(project, config, python)
+        outcome = _service_start(kind, project, config)
+        return replace(outcome, warnings=tuple(server.warnings), verdict=server.verdict)
     pid_file = process.PidFile(project.state_dir)
     record = pid_file.read()
     if record is not None:
@@ -109,7 +112,7 @@ def start(
     )
     alive = lambda: child.poll() is None  # noqa: E731
     if process.wait_healthy(config.host, config.port, config.service.start_timeout, alive):
-        return Outcome("started", "process", child.pid, url, tuple(server.warnings))
+        return Outcome("started", "process", child.pid, url, tuple(server.warnings), server.verdict)
     if child.poll() is None:
         processes.terminate(child.pid, config.service.stop_timeout)
         message = f"the server did not answer /health within {config.service.start_timeout:g}s"

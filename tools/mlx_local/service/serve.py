@@ -16,6 +16,8 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import UserError
+from ..plan import guard
+from ..plan.estimate import Verdict
 from ..project import Project
 from . import cluster, exposure, kv_check, logs, process
 from .command import Model, ServerCommand, build_command, resolve_model, upstream_option_problem
@@ -74,6 +76,7 @@ class Plan:
 
     command: ServerCommand
     warnings: list[str] = field(default_factory=list)
+    verdict: Verdict | None = None  # the memory plan's one line (fits / tight / does not fit)
 
 
 def plan(
@@ -111,10 +114,10 @@ def plan(
     )
     if problem:
         raise UserError(problem)
-    command = build_command(config, project, python, model)
+    verdict = guard.config_verdict(config, model)
     if config.distributed is not None:
         command = cluster.launch_command(project, config.distributed, python, command)
-    return Plan(command, warnings)
+    return Plan(command, warnings, verdict)
 
 
 def curl_example(host: str, port: int, served_name: str, with_key: bool) -> str:
