@@ -363,6 +363,25 @@ def test_plan_command_json_and_table(tmp_path: Path, demo_model: Path) -> None:
     assert json.loads(small.stdout)["largest_context"]["float16"] == 2048
 
 
+def test_a_distributed_group_plans_each_hosts_share(tmp_path: Path, demo_model: Path) -> None:
+    env = {machine.MEMORY_ENV: str(64 * MiB)}
+    alone = _project(tmp_path / "alone", demo_model, "prompt_cache_size = 2\n")
+    group = _project(
+        tmp_path / "group",
+        demo_model,
+        'prompt_cache_size = 2\n[distributed]\nhosts = ["127.0.0.1", "127.0.0.2"]\n',
+    )
+    one, two = (
+        json.loads(run_cli(["plan", "--json", "--context", "4096"], root, env=env).stdout)
+        for root in (alone, group)
+    )
+    assert (one["hosts"], two["hosts"]) == (1, 2)
+    for single, shared in zip(one["contexts"], two["contexts"], strict=True):
+        for key in ("weights_bytes", "kv_bytes", "prompt_cache_bytes"):
+            assert shared[key] == -(-single[key] // 2), key
+    assert "each of 2 hosts" in two["verdict"] and "group of 2 hosts" in two["notes"][0]
+
+
 def test_config_check_prints_the_verdict_and_prompt_cache_bytes(
     tmp_path: Path, demo_model: Path
 ) -> None:

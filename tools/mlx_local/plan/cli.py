@@ -79,13 +79,18 @@ def build(args: argparse.Namespace) -> dict:
     if folder is None:
         raise UserError(f"model {model.spec!r} is not downloaded yet; start it once, or convert it")
     shape = read_shape(folder)
-    configured = Settings.from_options(cfg.options)
+    configured = Settings.from_config(cfg)
     group = _group_size(args, cfg.options, shape)
     settings = replace(configured, kv_group_size=group)
     requested = args.kv_bits or (
         [cfg.options["kv_bits"]] if "kv_bits" in cfg.options else DEFAULT_KV_BITS
     )
     notes = []
+    if settings.hosts > 1:
+        notes.append(
+            f"[distributed] group of {settings.hosts} hosts: every figure is one host's share "
+            "(weights and KV caches split evenly), against this machine's memory"
+        )
     if any(layer.kind == "sliding" for layer in shape.layers):
         notes.append(kv.SLIDING_PROBLEM)
         requested = []
@@ -121,6 +126,7 @@ def build(args: argparse.Namespace) -> dict:
                 _label(bits, shape): kv.bytes_per_token(shape, bits, group) for bits in bits_list
             },
         },
+        "hosts": settings.hosts,
         "prompt_cache": {
             "size": settings.prompt_cache_size,
             "bytes": settings.prompt_cache_bytes,

@@ -10,10 +10,14 @@ the weights plus (1 + prompt_cache_size) whole caches, the stored ones capped by
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from . import kv
 from .machine import GiB, Machine, sysctl_line
 from .model_shape import ModelShape
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 DEFAULT_PROMPT_CACHE_SIZE = 10  # the server's --prompt-cache-size default
 TIGHT = 0.9  # above this share of the budget a plan is "tight"
@@ -29,6 +33,13 @@ class Settings:
     quantized_kv_start: int = kv.DEFAULT_QUANTIZED_KV_START
     prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE
     prompt_cache_bytes: int | None = None
+    hosts: int = 1  # a [distributed] group: weights and caches are split this many ways
+
+    @classmethod
+    def from_config(cls, config: Config) -> Settings:
+        """Settings of a config: its server options, and its group's size if it has one."""
+        hosts = config.distributed.size if config.distributed is not None else 1
+        return replace(cls.from_options(config.options), hosts=hosts)
 
     @classmethod
     def from_options(cls, options: dict) -> Settings:
@@ -55,13 +66,15 @@ class Need:
 
 
 def need(shape: ModelShape, settings: Settings, context: int, bits: int | None) -> Need:
-    """What the model needs at `context` tokens with KV precision `bits` (None: full)."""
+    """What the model needs at `context` tokens with KV precision `bits` (None: full), on each
+    host of a group: tensor and pipeline modes both split weights and KV caches evenly."""
     one = kv.cache_bytes(shape, context, bits, settings.kv_group_size, settings.quantized_kv_start)
     kept = settings.prompt_cache_size * one
     if settings.prompt_cache_bytes is not None:
         kept = min(kept, settings.prompt_cache_bytes)
-    total = shape.weights_bytes + one + kept
-    return Need(context, bits, shape.weights_bytes, one, kept, total)
+    share = settings.hosts
+    weights, one, kept = (-(-amount // share) for amount in (shape.weights_bytes, one, kept))
+    return Need(context, bits, weights, one, kept, weights + one + kept)
 
 
 def largest_context(shape: ModelShape, settings: Settings, bits: int | None, budget: int) -> int:
@@ -135,7 +148,8 @@ def verdict(
     n = need(shape, settings, context, settings.kv_bits)
     budget = machine.budget_bytes
     where = f"{gib(budget)} {machine.budget_name}"
-    parts = (
+    each = f"each of {settings.hosts} hosts: " if settings.hosts > 1 else ""
+    parts = each + (
         f"weights {gib(n.weights_bytes)} + KV {gib(n.kv_bytes)} at {context:,} tokens + "
         f"prompt cache {gib(n.prompt_cache_bytes)} = {gib(n.total_bytes)} of {where}"
     )

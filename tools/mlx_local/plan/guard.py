@@ -36,14 +36,16 @@ def config_verdict(config: Config, model: Model) -> Verdict:
     except UserError as error:
         return Verdict("unknown", f"plan: not checked: {error}")
     machine = machine_mod.read()
-    if shape.weights_bytes > machine.physical_bytes:
+    settings = Settings.from_config(config)
+    share = -(-shape.weights_bytes // settings.hosts)
+    if share > machine.physical_bytes:
+        each = f" (its share on each of {settings.hosts} hosts)" if settings.hosts > 1 else ""
         raise UserError(
-            f"model {model.spec!r} cannot fit: its weights alone are {gib(shape.weights_bytes)} "
+            f"model {model.spec!r} cannot fit: its weights alone are {gib(share)}{each} "
             f"and this machine has {gib(machine.physical_bytes)} of physical memory (from "
             f"{machine.physical_source}); choose a smaller "
             "or more strongly quantized model (convert-model --bits 4, or --bits 3)"
         )
-    settings = Settings.from_options(config.options)
     result = verdict(shape, settings, machine)
     problem = settings.kv_bits and kv_bits_problem(shape, settings.kv_group_size)
     if problem:
