@@ -82,7 +82,7 @@ def patched_runtime(
     python = venv / "bin" / "python"
     runtime = PatchedRuntime(root, python)
     result = run_cli(
-        ["--upstream", str(stand_in_upstream), "--source", "git", "--ref", "v0.30.7"],
+        ["--upstream", str(stand_in_upstream), "--source", "git", "--ref", "v0.32.2"],
         root,
         env={"MLX_LOCAL_PYTHON": str(python)},
         script="setup-repo",
