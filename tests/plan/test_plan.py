@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 
 from mlx_local.models.demo_model import ARCHITECTURE, random_weights
 from mlx_local.plan import kv, machine
-from mlx_local.plan.estimate import Settings, largest_context, need, verdict
+from mlx_local.plan.estimate import Settings, gib, largest_context, need, verdict
 from mlx_local.plan.machine import GiB, Machine, MiB
 from mlx_local.plan.model_shape import read_shape
 from tests.conftest import PatchedRuntime, make_project
@@ -308,7 +308,7 @@ def test_largest_context_is_the_boundary(demo_model: Path) -> None:
 def test_verdict_levels_and_what_to_change(demo_model: Path) -> None:
     shape = read_shape(demo_model)
     settings = Settings(prompt_cache_size=4, quantized_kv_start=0, kv_group_size=32)
-    total = need(shape, settings, 4096, None).total_bytes  # 0.81 MiB + 5 x 2 MiB
+    total = need(shape, settings, 4096, None).total_bytes  # 0.83 MiB + 5 x 2 MiB
 
     def on(memory: int, system: str = "Linux", limit: int | None = None) -> Machine:
         return Machine(system, memory, "test", limit, "test" if limit else None)
@@ -357,7 +357,7 @@ def test_plan_command_json_and_table(tmp_path: Path, demo_model: Path) -> None:
     table = run_cli(["plan", "--context", "4096"], root, env=env)
     assert table.returncode == 0, table.stderr
     assert "4,096" in table.stdout and "largest context" in table.stdout
-    # 4 MiB: weights 0.81 MiB + 3 caches (served + 2 kept) of 2,048 slots x 512 bytes fit,
+    # 4 MiB: weights 0.83 MiB + 3 caches (served + 2 kept) of 2,048 slots x 512 bytes fit,
     # 2,304 slots (the next step of 256) do not.
     small = run_cli(["plan", "--json"], root, env={machine.MEMORY_ENV: str(4 * MiB)})
     assert json.loads(small.stdout)["largest_context"]["float16"] == 2048
@@ -390,7 +390,7 @@ def test_config_check_prints_the_verdict_and_prompt_cache_bytes(
     assert ok.returncode == 0, ok.stderr
     assert "plan: fits:" in ok.stdout
     assert "--prompt-cache-bytes 2097152" in ok.stdout
-    # 3.5 MB: the weights (0.81 MiB) and a 4,096-token cache (2 MiB) fit, 2 MiB more do not.
+    # 3.5 MB: the weights (0.83 MiB) and a 4,096-token cache (2 MiB) fit, 2 MiB more do not.
     tight = run_cli(["config", "check", "--no-probe"], root, env={machine.MEMORY_ENV: "3500000"})
     assert tight.returncode == 0, tight.stderr
     line = next(x for x in tight.stdout.splitlines() if x.startswith("plan:"))
@@ -406,7 +406,8 @@ def test_weights_that_cannot_fit_are_refused(
         result = run_cli(command, root, env=env, timeout=120)
         assert result.returncode == 1, (command, result.stdout, result.stderr)
         error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert len(error) == 1 and "weights alone are 0.81 MiB" in error[0], result.stderr
+        weights = gib(read_shape(demo_model).weights_bytes)  # 0.83 MiB
+        assert len(error) == 1 and f"weights alone are {weights}" in error[0], result.stderr
         assert "0.48 MiB of physical memory" in error[0]
     assert not (root / ".mlx-local" / "server.pid").exists()
 
