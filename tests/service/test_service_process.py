@@ -247,6 +247,25 @@ def test_terminate_escalates_to_sigkill(tmp_path: Path) -> None:
     assert processes.terminate(stubborn.pid, timeout=1) == "gone"
 
 
+def test_terminating_a_group_leaves_no_child_behind() -> None:
+    """A launcher that dies on SIGTERM with a child that ignores it (mlx.launch and a rank):
+    with group=True the child is killed too; without, it would be orphaned."""
+    script = "trap '' TERM; sleep 300 & echo $!; trap - TERM; wait"
+    launcher = subprocess.Popen(
+        ["sh", "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    child = int(launcher.stdout.readline())
+    reaper = threading.Thread(target=launcher.wait)
+    reaper.start()
+    assert processes.process_info(child) is not None
+    assert processes.terminate(launcher.pid, timeout=5, group=True) == "terminated"
+    reaper.join(timeout=10)
+    deadline = time.monotonic() + 5
+    while processes.process_info(child) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes.process_info(child) is None
+
+
 @pytest.mark.slow
 def test_config_check_probes_the_patched_server(
     tmp_path: Path, patched_runtime, demo_model: Path

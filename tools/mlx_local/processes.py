@@ -59,18 +59,23 @@ def _alive(pid: int) -> bool:
     return process_info(pid) is not None
 
 
-def terminate(pid: int, timeout: float, poll: float = 0.1) -> str:
+def terminate(pid: int, timeout: float, poll: float = 0.1, group: bool = False) -> str:
     """Stop `pid` gracefully: SIGTERM, then SIGKILL (its whole group) after `timeout` seconds.
+    With `group`, SIGTERM goes to its whole process group, and what is left of the group once
+    `pid` has gone is killed too (children that outlive their launcher).
 
     Returns "terminated", "killed" or "gone" (it had already exited).
     """
     try:
-        os.kill(pid, signal.SIGTERM)
+        (os.killpg if group else os.kill)(pid, signal.SIGTERM)
     except ProcessLookupError:
         return "gone"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _alive(pid):
+            if group:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
             return "terminated"
         time.sleep(poll)
     for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):

@@ -8,7 +8,6 @@ half-alive group never keeps the port. SIGTERM, SIGINT or SIGHUP stop every rank
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from collections.abc import Callable
 
 from ..atomic import write_atomic
 from ..config import API_KEY_ENV, Config
+from ..processes import terminate
 from ..project import Project
 from . import cluster, logs, process
 from .command import ServerCommand
@@ -45,12 +45,7 @@ def _copy(stream, write: Callable[[bytes], None]) -> None:
 def _kill_group(launch: subprocess.Popen, timeout: float) -> None:
     """End mlx.launch and whatever is left in its process group (local ranks, ssh clients):
     SIGTERM, up to `timeout` seconds for mlx.launch, then SIGKILL to anything left."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(launch.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        launch.wait(timeout)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(launch.pid, signal.SIGKILL)
+    terminate(launch.pid, timeout, group=True)
     launch.wait()
 
 
