@@ -127,8 +127,11 @@ def test_second_signal_during_shutdown_is_harmless(patched_runtime, demo_model, 
     assert code == 0, text[-3000:]
     assert "Traceback" not in text and "terminate called" not in text, text[-3000:]
     # Mostly the second signal comes while the server stops (logged and ignored); when
-    # the stop was quicker, it comes as the process exits, ignored all the same.
-    assert set(IGNORED.findall(text)) <= {second.name}
+    # the stop was quicker, it comes as the process exits, ignored all the same. When both
+    # are pending before the main thread runs (a loaded machine), Python handles them in
+    # signal-number order, so SIGINT may stop the server and SIGTERM be the ignored one.
+    assert len(IGNORED.findall(text)) <= 1
+    assert set(IGNORED.findall(text)) <= {"SIGTERM", second.name}
     assert "Prompt cache disk: 0 saved" not in text
 
     (saved,) = cache_files(folder)
