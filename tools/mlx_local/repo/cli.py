@@ -116,13 +116,14 @@ def run_setup_repo(args: argparse.Namespace) -> int:
     table = Table(title=f"mlx-lm {report.base} + patch queue ({report.source})")
     table.add_column("patch")
     table.add_column("result")
-    for outcome in report.applied:
-        style = OUTCOME_STYLE.get(outcome.result, "")
-        table.add_row(outcome.name, f"[{style}]{outcome.result}[/]")
+    rows = {o.name: f"[{OUTCOME_STYLE.get(o.result, '')}]{o.result}[/]" for o in report.applied}
     for name, provides in report.absorbed.items():
-        table.add_row(name, f"[cyan]absorbed[/] (upstream provides {' '.join(provides)})")
+        rows[name] = f"[cyan]absorbed[/] (upstream provides {' '.join(provides)})"
     for name in report.skipped:
-        table.add_row(name, "[dim]not for this base (guard)[/]")
+        rows[name] = "[dim]not for this base (guard)[/]"
+    for entry in patchqueue.Series.load(proj.series_file).entries:  # in the queue's order
+        if entry.name in rows:
+            table.add_row(entry.name, rows[entry.name])
     console.print(table)
     if report.branch_changed:
         console.print(f"mlx-lm-repo/ is on branch {checkout.BRANCH} at {report.head[:12]}")
