@@ -20,14 +20,15 @@ VENV_BIN = Path(sys.executable).parent
 
 
 @contextmanager
-def running_server(
+def server_process(
     python: Path,
     args: Sequence[str],
     env: Mapping[str, str] | None = None,
     timeout: float = 180,
-) -> Iterator[tuple[str, Path]]:
-    """Start `python -m mlx_lm.server --host 127.0.0.1 --port P args...`, wait for /health,
-    yield (base URL, log path), and always stop the server (SIGTERM, then SIGKILL)."""
+) -> Iterator[tuple[subprocess.Popen, str, Path]]:
+    """Start `python -m mlx_lm.server --host 127.0.0.1 --port P args...` in its own session,
+    wait for /health, yield (process, base URL, log path), and always stop the server
+    (SIGTERM, then SIGKILL)."""
     port = free_port()
     log_path = Path(tempfile.mkstemp(prefix="mlx-server-", suffix=".log")[1])
     command = [str(python), "-m", "mlx_lm.server", "--host", "127.0.0.1", "--port", str(port)]
@@ -45,9 +46,21 @@ def running_server(
                 f"server did not answer /health (exit code {process.poll()}); "
                 f"log:\n{log_path.read_text()[-3000:]}"
             )
-        yield f"http://127.0.0.1:{port}", log_path
+        yield process, f"http://127.0.0.1:{port}", log_path
     finally:
         stop_process(process)
+
+
+@contextmanager
+def running_server(
+    python: Path,
+    args: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    timeout: float = 180,
+) -> Iterator[tuple[str, Path]]:
+    """`server_process` for tests that need only (base URL, log path)."""
+    with server_process(python, args, env, timeout) as (_, url, log_path):
+        yield url, log_path
 
 
 def stop_process(process: subprocess.Popen, grace: float = 15) -> None:

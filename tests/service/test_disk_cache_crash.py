@@ -12,17 +12,13 @@ import os
 import re
 import signal
 import subprocess
-import tempfile
 import textwrap
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from mlx_local.service.process import wait_healthy
-from tests.helpers import free_port, stop_process
+from tests.helpers import server_process
 from tests.service.test_patch_prompt_cache_dir import chat, conversation, next_turn, shared_prefix
 
 pytestmark = pytest.mark.slow
@@ -30,26 +26,6 @@ pytestmark = pytest.mark.slow
 SAVED = re.compile(r"Prompt cache disk: saved (\d+) tokens to (\S+)")
 LOADED = re.compile(r"Prompt cache disk: loaded (\d+) tokens from (\S+)")
 IGNORED = re.compile(r"Prompt cache disk: (SIGTERM|SIGINT) ignored: already shutting down")
-
-
-@contextmanager
-def server_process(
-    python: Path, args: Sequence[str]
-) -> Iterator[tuple[subprocess.Popen, str, Path]]:
-    """A real server in its own session: (process, base URL, log path); always stopped."""
-    port = free_port()
-    log_path = Path(tempfile.mkstemp(prefix="mlx-server-", suffix=".log")[1])
-    command = [str(python), "-m", "mlx_lm.server", "--host", "127.0.0.1", "--port", str(port)]
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [*command, *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        if not wait_healthy("127.0.0.1", port, 180, lambda: process.poll() is None, 0.3):
-            raise RuntimeError(f"server did not start; log:\n{log_path.read_text()[-3000:]}")
-        yield process, f"http://127.0.0.1:{port}", log_path
-    finally:
-        stop_process(process)
 
 
 def wait_for_save(log_path: Path, min_tokens: int, timeout: float = 60) -> int:
