@@ -263,6 +263,41 @@ def test_patches_new_turns_a_change_into_a_patch_that_setup_reapplies(
     assert listing.returncode == 0 and "applied" in listing.stdout and "--x" in listing.stdout
 
 
+@pytest.mark.parametrize("base", ["v0.30.7", "v0.31.0"])
+def test_patches_new_at_an_older_base_writes_only_the_new_patch(
+    project_copy: Path, stand_in_upstream: Path, tmp_path: Path, base: str
+) -> None:
+    """At a base other than the pin each patch's text differs (line numbers, blob ids), but
+    what it does is the same: export leaves those files alone. v0.31.0 already provides
+    0001's option, so 0001 is absorbed there (not on the branch) and must stay too."""
+    assert setup_repo(project_copy, stand_in_upstream, "--ref", base).returncode == 0
+    patches = project_copy / "patches"
+    before = {p.name: p.read_bytes() for p in patches.iterdir()}
+    names = series_names(project_copy)
+    exported = run_cli(["patches", "export"], project_copy)
+    assert exported.returncode == 0, exported.stderr
+    assert "already matches" in exported.stdout
+    assert {p.name: p.read_bytes() for p in patches.iterdir()} == before
+
+    repo = project_copy / "mlx-lm-repo"
+    readme = repo / "README.md"
+    readme.write_text(readme.read_text() + "\nPatched locally.\n")
+    result = run_cli(["patches", "new", "readme-note", "-m", "readme: a note"], project_copy)
+    assert result.returncode == 0, result.stderr
+    after = {p.name: p.read_bytes() for p in patches.iterdir()}
+    (added,) = set(after) - set(before)
+    assert added.endswith("-readme-note.patch") and series_names(project_copy) == [*names, added]
+    assert {n: after[n] for n in before if n != "series"} == {
+        n: text for n, text in before.items() if n != "series"
+    }
+    tree = gitutil.out(repo, "rev-parse", "HEAD^{tree}")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "patches").symlink_to(patches)
+    assert setup_repo(fresh, stand_in_upstream, "--ref", base).returncode == 0
+    assert gitutil.out(fresh / "mlx-lm-repo", "rev-parse", "HEAD^{tree}") == tree
+
+
 @pytest.mark.slow
 def test_installed_checkout_is_what_python_imports(patched_runtime: PatchedRuntime) -> None:
     code = "import mlx_lm, sys; print(mlx_lm.__file__)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,6 +157,23 @@ def format_commit(repo: Path, commit: str) -> str:
     return gitutil.git(repo, "format-patch", "-1", "--stdout", *FORMAT_PATCH_OPTIONS, commit).stdout
 
 
+def reproduces(repo: Path, patch: Path, commit: str, commit_text: str) -> bool:
+    """Whether the patch file `patch`, applied on the parent of `commit` as `git am -3` would,
+    gives `commit` again: the same author, date and message as `commit_text` (the commit's
+    own format-patch text) and the same tree."""
+    stored = patch.read_text()
+    if stored.partition("\n---\n")[0] != commit_text.partition("\n---\n")[0]:
+        return False
+    with tempfile.TemporaryDirectory(prefix="mlx-local-index-") as scratch:
+        index = {"GIT_INDEX_FILE": str(Path(scratch) / "index")}
+        gitutil.git(repo, "read-tree", f"{commit}^", env=index)
+        applied = gitutil.git(repo, "apply", "--cached", "-3", str(patch), env=index, check=False)
+        if applied.returncode != 0:
+            return False
+        tree = gitutil.out(repo, "write-tree", env=index)
+    return tree == gitutil.out(repo, "rev-parse", f"{commit}^{{tree}}")
+
+
 def patch_slug(subject: str) -> str:
     """A file-name part from a subject, as git format-patch makes it."""
     slug = re.sub(r"[^A-Za-z0-9._]+", "-", subject).strip("-.")
@@ -240,15 +258,21 @@ def export_queue(
     head: str,
     patches_dir: Path,
     version: Version,
+    *,
+    at_pin: bool,
+    absorbed: frozenset[str] = frozenset(),
     new_name: str | None = None,
 ) -> ExportReport:
     """Rewrite patches/ from the commits base..head: one file per commit, existing files keep
     their names (matched by subject), new commits get the next numbers (named after
-    `new_name` when given), entries guarded out at `version` stay as they are. Files whose
-    text did not change are not touched, so a refresh with no real change is byte-identical."""
+    `new_name` when given), entries guarded out at `version` or `absorbed` by upstream there
+    stay as they are. At the pin a file is rewritten when its text changed (patches/ is the
+    pin's format-patch text, whose blob ids `git am -3` needs); at another base, where every
+    text differs, only when the file no longer reproduces its commit. So a refresh with no
+    real change is byte-identical at any base."""
     series_path = patches_dir / "series"
     series = Series.load(series_path)
-    active = series.active(version)
+    active = [e for e in series.active(version) if e.name not in absorbed]
     by_subject = {read_patch(patches_dir / e.name).subject: e for e in active}
     all_names = [e.name for e in series.entries]
     report = ExportReport()
@@ -267,7 +291,9 @@ def export_queue(
             entry = SeriesEntry(f"{number:04d}-{patch_slug(label)}.patch")
             number += 1
         target = patches_dir / entry.name
-        if target.is_file() and target.read_text() == text:
+        if target.is_file() and (
+            target.read_text() == text or (not at_pin and reproduces(repo, target, commit, text))
+        ):
             report.unchanged.append(entry.name)
         else:
             write_atomic(target, text)

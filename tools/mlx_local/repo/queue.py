@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..project import Project
 from . import gitutil, patchqueue, upstream
-from .absorption import provided_upstream
+from .absorption import absorbed_at, provided_upstream
 from .checkout import BRANCH, PatchFailed, build_patched, checkout_base, require_checkout
 
 
@@ -61,14 +61,18 @@ def applies_on_branch(project: Project, repo: Path, entry: patchqueue.SeriesEntr
 
 
 def export(project: Project, new_name: str | None = None) -> patchqueue.ExportReport:
-    """Rewrite patches/ from the checkout's branch (refresh)."""
+    """Rewrite patches/ from the checkout's branch (refresh), at whatever base it is on."""
     repo, base = require_checkout(project)
+    version = upstream.tag_version(base)
+    active = patchqueue.Series.load(project.series_file).active(version)
     return patchqueue.export_queue(
         repo,
         base,
         f"refs/heads/{BRANCH}",
         project.patches_dir,
-        upstream.tag_version(base),
+        version,
+        at_pin=base == upstream.UpstreamSettings.load(project.upstream_file).pin,
+        absorbed=frozenset(absorbed_at(repo, f"refs/tags/{base}", project.patches_dir, active)),
         new_name=new_name,
     )
 

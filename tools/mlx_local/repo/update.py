@@ -269,7 +269,12 @@ def finish(project: Project, state: UpdateState) -> UpdateReport:
     checkout.move_branch(repo, new_head, "update", backup=False)
     gitutil.git(repo, "config", checkout.BASE_KEY, state.new_base)
     patchqueue.export_queue(
-        repo, state.new_base, f"refs/heads/{checkout.BRANCH}", project.patches_dir, new_version
+        repo,
+        state.new_base,
+        f"refs/heads/{checkout.BRANCH}",
+        project.patches_dir,
+        new_version,
+        at_pin=True,  # the new base becomes the pin
     )
     upstream.write_pin(project.upstream_file, state.new_base)
     if state.install:
