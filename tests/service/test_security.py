@@ -1,6 +1,7 @@
 """Patch 0008 against the real patched server, over real HTTP: a foreign Host (DNS
 rebinding) gets 403 on every endpoint, a foreign Origin gets 403 and no CORS allow header,
-local names and local origins keep working (the openai client, curl to localhost)."""
+local names and local origins keep working (the openai client, curl to localhost), and a
+local page's preflight gets the headers a client that sends a key needs."""
 
 from __future__ import annotations
 
@@ -20,8 +21,17 @@ from tests.helpers import running_server
 pytestmark = pytest.mark.slow
 
 SERVED = "mlx-local"
+KEY = "browser-key-4f1a"
 LOCAL_ORIGINS = "http://localhost:*,http://127.0.0.1:*,http://[::1]:*"
 CHAT = {"model": SERVED, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+# What a browser lists in a preflight (lower case, sorted) before the openai and anthropic
+# JavaScript packages' requests from a page: the key and their own headers.
+CLIENT_HEADERS = (
+    "anthropic-beta,anthropic-dangerous-direct-browser-access,anthropic-version,"
+    "authorization,content-type,x-api-key,x-stainless-arch,x-stainless-lang,x-stainless-os,"
+    "x-stainless-package-version,x-stainless-retry-count,x-stainless-runtime,"
+    "x-stainless-runtime-version,x-stainless-timeout"
+)
 # Every endpoint of the server, and one it does not have.
 ENDPOINTS = [
     ("GET", "/health"),
@@ -53,6 +63,15 @@ def server(patched_runtime: PatchedRuntime, demo_model: Path) -> Iterator[tuple[
     ]
     with running_server(patched_runtime.python, args) as (base_url, log):
         yield urlsplit(base_url).port, log
+
+
+@pytest.fixture(scope="module")
+def keyed_server(patched_runtime: PatchedRuntime, demo_model: Path) -> Iterator[int]:
+    """The patched server with local origins only and an API key. Yields its port."""
+    args = ["--model", str(demo_model), "--served-model-name", SERVED]
+    args += ["--allowed-origins", LOCAL_ORIGINS, "--api-key", KEY]
+    with running_server(patched_runtime.python, args) as (base_url, _):
+        yield urlsplit(base_url).port
 
 
 def call(
@@ -187,6 +206,38 @@ def test_a_local_origin_gets_the_allow_header(server: tuple[int, Path], origin: 
     status, headers, body = call(port, "POST", "/v1/chat/completions", host, simple)
     assert status == 200 and json.loads(body)["model"] == SERVED
     assert headers["access-control-allow-origin"] == origin
+
+
+def test_a_local_page_that_sends_a_key_passes_its_preflight(keyed_server: int) -> None:
+    """A browser lets "*" cover neither Authorization nor, with credentials, anything: the
+    allowed headers must name what the preflight asks for."""
+    port = keyed_server
+    host = f"127.0.0.1:{port}"
+    origin = "http://localhost:5173"
+    preflight = {
+        "Origin": origin,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": CLIENT_HEADERS,
+    }
+    for path in ("/v1/chat/completions", "/v1/messages", "/v1/models"):
+        status, headers, _ = call(port, "OPTIONS", path, host, preflight)
+        assert status == 204, path  # a preflight carries no key: it is never refused for that
+        assert headers["access-control-allow-origin"] == origin
+        allowed = {name.strip() for name in headers["access-control-allow-headers"].split(",")}
+        assert allowed == set(CLIENT_HEADERS.split(","))
+    # The request the preflight was for, with the key, and without it
+    keyed = {"Origin": origin, "Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    status, headers, body = call(port, "POST", "/v1/chat/completions", host, keyed)
+    assert status == 200 and json.loads(body)["model"] == SERVED
+    assert headers["access-control-allow-origin"] == origin
+    status, headers, body = call(port, "POST", "/v1/chat/completions", host, {"Origin": origin})
+    assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+    assert headers["access-control-allow-origin"] == origin  # the page can read why
+    # A foreign page asking the same gets nothing
+    foreign = dict(preflight, Origin="https://evil.example")
+    status, headers, _ = call(port, "OPTIONS", "/v1/chat/completions", host, foreign)
+    assert status == 403
+    assert not {"access-control-allow-origin", "access-control-allow-headers"} & set(headers)
 
 
 def test_the_openai_client_and_curl_to_localhost_keep_working(server: tuple[int, Path]) -> None:
