@@ -16,8 +16,6 @@ import argparse
 import os
 import random
 import statistics
-import subprocess
-import tarfile
 import tempfile
 import threading
 import time
@@ -27,30 +25,14 @@ from pathlib import Path
 
 from .. import project
 from ..errors import UserError
-from ..repo import checkout, gitutil
+from ..repo import checkout
 from .model import ensure_model
 from .prompts import end_of_text_ids
-from .runtime import imported_from
+from .runtime import imported_from, tree_without_patch
 from .server import BenchServer
 
 METRICS_FILE = "mlx_lm/server_metrics.py"
 SCRAPE_EVERY = 1.0
-
-
-def without_metrics(repo: Path, dest: Path) -> Path:
-    """The checkout's branch with the commit that adds /metrics reversed, as files at `dest`."""
-    commit = gitutil.out(
-        repo, "log", "--format=%H", "--diff-filter=A", checkout.BRANCH, "--", METRICS_FILE
-    )
-    if not commit:
-        raise UserError(f"{repo} has no {METRICS_FILE}: the metrics patch is not applied")
-    archive = dest.parent / "tree.tar"
-    gitutil.git(repo, "archive", "--format=tar", f"--output={archive}", checkout.BRANCH)
-    with tarfile.open(archive) as tar:
-        tar.extractall(dest, filter="data")
-    diff = gitutil.git(repo, "diff", f"{commit}^", commit).stdout
-    subprocess.run(["git", "apply", "-R"], input=diff, text=True, cwd=dest, check=True)
-    return dest
 
 
 class Scraper(threading.Thread):
@@ -118,7 +100,7 @@ def measure(python: Path, repo: Path, model: Path, rounds: int, tokens: int) -> 
     bias = {i: -100.0 for i in end_of_text_ids(model)}
     messages = [{"role": "user", "content": "Write a long story about the sea."}]
     with tempfile.TemporaryDirectory(prefix="bench-metrics-") as tmp:
-        tree = without_metrics(repo, Path(tmp) / "tree")
+        tree = tree_without_patch(repo, Path(tmp) / "tree", METRICS_FILE)
         env_b = {"PYTHONPATH": str(tree)}
         if imported_from(python, env_b).resolve() != tree.resolve():
             raise UserError(f"with PYTHONPATH={tree}, {python} does not import mlx_lm from it")

@@ -49,6 +49,23 @@ def upstream_tree(project: Project, repo: Path, base: str) -> Path:
     return dest
 
 
+def tree_without_patch(repo: Path, dest: Path, added_file: str) -> Path:
+    """The checkout's branch as files at `dest`, with the patch that adds `added_file` taken
+    out (its commit's diff reversed), for the same interpreter through PYTHONPATH."""
+    commit = gitutil.out(
+        repo, "log", "--format=%H", "--diff-filter=A", checkout.BRANCH, "--", added_file
+    )
+    if not commit:
+        raise UserError(f"{repo} has no {added_file}: the patch that adds it is not applied")
+    archive = dest.parent / f"{dest.name}.tar"
+    gitutil.git(repo, "archive", "--format=tar", f"--output={archive}", checkout.BRANCH)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    diff = gitutil.git(repo, "diff", f"{commit}^", commit).stdout
+    subprocess.run(["git", "apply", "-R"], input=diff, text=True, cwd=dest, check=True)
+    return dest
+
+
 def imported_from(python: Path, env: dict[str, str] | None = None) -> Path:
     """Where `python` (with `env`) imports mlx_lm from."""
     code = "import mlx_lm, os; print(os.path.dirname(os.path.abspath(mlx_lm.__file__)))"
