@@ -1,10 +1,9 @@
-"""What is in local-models/: model folders, their descriptions, names, removal."""
+"""What is in local-models/: model folders, their descriptions, removal."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -12,16 +11,7 @@ from .. import project
 from ..errors import UserError
 from ..locking import project_lock
 from .manifest import context_length, folder_files, read_manifest
-
-NAME = re.compile(r"^[A-Za-z0-9][\w.+-]*$")
-
-
-def check_name(name: str) -> str:
-    if not NAME.match(name):
-        raise UserError(
-            f"bad model name {name!r}: use letters, digits, '.', '_', '+' and '-' (no '/')"
-        )
-    return name
+from .names import check_name
 
 
 def model_folders(models_dir: Path) -> list[Path]:

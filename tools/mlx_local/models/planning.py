@@ -11,7 +11,7 @@ from pathlib import Path
 from .. import project
 from ..errors import UserError
 from . import source as model_source
-from .listing import check_name
+from .names import check_name
 from .runtime import probe_runtime
 from .source import Source
 
