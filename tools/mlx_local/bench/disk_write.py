@@ -20,7 +20,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ from safetensors.numpy import save_file
 
 from ..errors import UserError
 from ..models.demo_model import build_demo_model, corpus_text, random_weights
+from ..server_help import server_options
 from .server import BenchServer
 
 WIDE_KV = {
@@ -131,10 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--python", default=sys.executable, help="python with the patched mlx_lm")
     args = parser.parse_args(argv)
-    usage = subprocess.run(
-        [args.python, "-m", "mlx_lm.server", "--help"], capture_output=True, text=True
-    )
-    if "--prompt-cache-dir" not in usage.stdout:
+    if "--prompt-cache-dir" not in server_options(Path(args.python)):
         raise UserError(f"{args.python}: its mlx_lm.server has no --prompt-cache-dir (patch 0005)")
 
     with tempfile.TemporaryDirectory(prefix="bench-disk-write-") as tmp:

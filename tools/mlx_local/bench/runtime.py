@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import tarfile
@@ -14,6 +13,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..project import Project
 from ..repo import checkout, gitutil
+from ..server_help import server_options
 
 
 @dataclass
@@ -80,17 +80,6 @@ def imported_from(python: Path, env: dict[str, str] | None = None) -> Path:
             f"{python} cannot import mlx_lm; run `setup-repo` (or set MLX_LOCAL_PYTHON)"
         )
     return Path(result.stdout.strip()).parent
-
-
-def server_options(python: Path, env: dict[str, str] | None = None) -> set[str]:
-    """The options the server's --help lists."""
-    result = subprocess.run(
-        [str(python), "-m", "mlx_lm.server", "--help"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    return set(re.findall(r"--[a-z0-9][a-z0-9-]*", result.stdout))
 
 
 def prepare(project: Project, python: Path) -> Runtime:

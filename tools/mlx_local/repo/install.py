@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import subprocess
 from pathlib import Path
 
 from packaging.version import Version
 
 from ..errors import UserError
+from ..server_help import server_options
 from . import upstream
 from .checkout import checkout_base
 
@@ -70,13 +70,7 @@ def install_editable(python: Path, repo: Path, backend: str) -> None:
 
 def verify_server_options(python: Path, options: list[str]) -> None:
     """Check that the installed server's --help lists every option the patches provide."""
-    result = subprocess.run(
-        [str(python), "-m", "mlx_lm.server", "--help"], capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:]
-        raise UserError(f"the patched server does not start: {' '.join(tail)}")
-    shown = set(re.findall(r"--[a-z0-9][a-z0-9-]*", result.stdout))
+    shown = server_options(python)
     missing = [option for option in options if option not in shown]
     if missing:
         raise UserError(f"the server's --help lacks {', '.join(missing)} after patching")

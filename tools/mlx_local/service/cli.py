@@ -20,6 +20,7 @@ from ..atomic import write_atomic
 from ..errors import UserError
 from ..plan import guard
 from ..plan.estimate import Verdict
+from ..server_help import server_help
 from . import (
     cli_cluster,
     command,
@@ -179,7 +180,7 @@ def _config_check(args: argparse.Namespace) -> int:
     if not proj.checkout_dir.is_dir():
         console.print("[yellow]not probed:[/] mlx-lm-repo/ does not exist (run setup-repo)")
         return 0
-    help_text = command.server_help(python)
+    help_text = server_help(python)
     problem = command.upstream_option_problem(cmd, help_text)
     if problem:
         raise UserError(problem)

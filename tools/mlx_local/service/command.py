@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -16,6 +14,7 @@ from ..errors import UserError
 from ..models.listing import model_folders
 from ..models.source import HUB_ID
 from ..project import Project
+from ..server_help import options_in
 
 ModelKind = Literal["local", "path", "hub"]
 # Server options that come from upstream releases, not from the patch queue: the first
@@ -117,29 +116,10 @@ def build_command(
     return ServerCommand(argv=argv, env={API_KEY_ENV: key} if key else {}, model=model)
 
 
-def server_help(python: Path) -> str:
-    """`python -m mlx_lm.server --help` of the runtime (raises UserError if it cannot run)."""
-    try:
-        result = subprocess.run(
-            [str(python), "-m", "mlx_lm.server", "--help"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise UserError(f"cannot run {python} -m mlx_lm.server --help: {error}") from None
-    if result.returncode != 0:
-        raise UserError(
-            f"{python} cannot run mlx_lm.server (is the checkout installed? run setup-repo): "
-            + (result.stderr.strip().splitlines() or ["no output"])[-1]
-        )
-    return result.stdout
-
-
 def unsupported_flags(command: ServerCommand, help_text: str) -> list[str]:
     """The options of `command` that the server's --help does not list."""
     flags = [part for part in command.argv[3:] if part.startswith("--")]
-    known = set(re.findall(r"--[a-z][a-z0-9-]*", help_text))
+    known = options_in(help_text)
     return [flag for flag in flags if flag not in known]
 
 
