@@ -3,6 +3,7 @@ cannot fit this machine's physical memory."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
@@ -11,7 +12,7 @@ from ..service.command import Model
 from . import machine as machine_mod
 from .estimate import Settings, Verdict, gib, verdict
 from .kv import kv_bits_problem
-from .model_shape import read_shape
+from .model_shape import ModelShape, read_shape
 
 
 def model_folder(model: Model) -> Path | None:
@@ -25,16 +26,33 @@ def model_folder(model: Model) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
-def config_verdict(config: Config, model: Model) -> Verdict:
-    """The verdict for serving `model` with `config` on this machine (level "unknown" when the
-    model cannot be read yet). Raises UserError when the weights alone exceed physical memory."""
+@dataclass(frozen=True)
+class ModelReading:
+    """The model's shape from its config.json and safetensors headers, read once at start and
+    passed to every check that needs it; or why it could not be read."""
+
+    shape: ModelShape | None
+    problem: str = ""  # why `shape` is None
+
+
+def read_model(model: Model) -> ModelReading:
+    """Read the model's shape (nothing to read when a hub model is not downloaded yet)."""
     folder = model_folder(model)
     if folder is None:
-        return Verdict("unknown", "plan: not checked: the model is not downloaded yet")
+        return ModelReading(None, "the model is not downloaded yet")
     try:
-        shape = read_shape(folder)
+        return ModelReading(read_shape(folder))
     except UserError as error:
-        return Verdict("unknown", f"plan: not checked: {error}")
+        return ModelReading(None, str(error))
+
+
+def config_verdict(config: Config, model: Model, reading: ModelReading) -> Verdict:
+    """The verdict for serving `model` (as `reading` read it) with `config` on this machine
+    (level "unknown" when the model cannot be read yet). Raises UserError when the weights
+    alone exceed physical memory."""
+    shape = reading.shape
+    if shape is None:
+        return Verdict("unknown", f"plan: not checked: {reading.problem}")
     machine = machine_mod.read()
     settings = Settings.from_config(config)
     share = -(-shape.weights_bytes // settings.hosts)

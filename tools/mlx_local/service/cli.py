@@ -164,7 +164,8 @@ def _config_check(args: argparse.Namespace) -> int:
     model = command.resolve_model(cfg.model, proj)
     cmd = command.build_command(cfg, proj, python, model)
     warnings = exposure.check(cfg)
-    kv_check.check_model(cfg, model)
+    reading = guard.read_model(model)
+    kv_check.check_model(cfg, model, reading)
     console.print(f"[green]ok[/] {cfg.path} is valid", highlight=False)
     for warning in warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
@@ -172,7 +173,7 @@ def _config_check(args: argparse.Namespace) -> int:
         console.print(f"model: hub id {model.spec} (downloaded on first start)", highlight=False)
     else:
         console.print(f"model: {model.path}", highlight=False)
-    _show_verdict(guard.config_verdict(cfg, model), console)
+    _show_verdict(guard.config_verdict(cfg, model, reading), console)
     console.print("server command line:", highlight=False)
     print(cmd.display())
     if args.no_probe:
@@ -191,7 +192,7 @@ def _config_check(args: argparse.Namespace) -> int:
             "patches that provide them are applied"
         )
     console.print("[green]ok[/] the installed server accepts every option", highlight=False)
-    for warning in kv_check.check(cfg, python, model):
+    for warning in kv_check.check(cfg, python, model, reading):
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     return 0
 

@@ -2,8 +2,9 @@
 
 Two checks, both run by `config check`, `start` and `serve`: mlx-lm must be able to quantize
 the model's KV cache (the group divides the head size, no sliding-window layers: the memory
-plan's reading of config.json and the weights headers), and one tiny quantized attention
-step must run on the backend mlx uses here (a CUDA build of mlx 0.32 has no kernel for it).
+plan's reading of config.json and the weights headers, read once by the caller), and one
+tiny quantized attention step must run on the backend mlx uses here (a CUDA build of mlx
+0.32 has no kernel for it).
 On the CPU backend quantized KV works but decodes about ten times slower: a warning.
 """
 
@@ -16,9 +17,9 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import UserError
-from ..plan.guard import model_folder
+from ..plan.guard import ModelReading
 from ..plan.kv import kv_bits_problem
-from ..plan.model_shape import ModelShape, read_shape
+from ..plan.model_shape import ModelShape
 from .command import Model
 
 SERVER_DEFAULT_GROUP = 64
@@ -64,17 +65,13 @@ def group_size(config: Config) -> int:
     return config.options.get("kv_group_size") or SERVER_DEFAULT_GROUP
 
 
-def check_model(config: Config, model: Model) -> ModelShape | None:
+def check_model(config: Config, model: Model, reading: ModelReading) -> ModelShape | None:
     """Refuse kv_bits on a model whose KV cache mlx-lm cannot quantize with this group (a
-    group that does not divide the head size, sliding-window layers); the model's shape when
-    kv_bits is set and the model can be read."""
+    group that does not divide the head size, sliding-window layers); the model's shape (as
+    `reading` read it) when kv_bits is set and the model could be read."""
     bits = config.options.get("kv_bits")
-    folder = model_folder(model) if bits is not None else None
-    if folder is None:
-        return None
-    try:
-        shape = read_shape(folder)
-    except UserError:
+    shape = reading.shape
+    if bits is None or shape is None:
         return None  # an unreadable model is the server's to report
     problem = kv_bits_problem(shape, group_size(config))
     if problem:
@@ -104,9 +101,9 @@ def probe(python: Path, head: int, group: int, bits: int) -> ProbeResult:
     return ProbeResult(data["backend"], data["error"])
 
 
-def check(config: Config, python: Path, model: Model) -> list[str]:
+def check(config: Config, python: Path, model: Model, reading: ModelReading) -> list[str]:
     """Every KV quantization check: raise on a setting that cannot work; warnings to show."""
-    shape = check_model(config, model)
+    shape = check_model(config, model, reading)
     bits = config.options.get("kv_bits")
     if bits is None or shape is None:
         return []

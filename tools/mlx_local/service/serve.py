@@ -106,7 +106,8 @@ def plan(
                 f"model {demo.path} instead (it talks gibberish)"
             )
             model = demo
-    warnings += kv_check.check(config, python, model)
+    reading = guard.read_model(model)
+    warnings += kv_check.check(config, python, model, reading)
     command = build_command(config, project, python, model)
     source = project.checkout_dir / "mlx_lm" / "server.py"
     problem = upstream_option_problem(
@@ -114,7 +115,7 @@ def plan(
     )
     if problem:
         raise UserError(problem)
-    verdict = guard.config_verdict(config, model)
+    verdict = guard.config_verdict(config, model, reading)
     if config.distributed is not None:
         command = cluster.launch_command(project, config.distributed, python, command)
     return Plan(command, warnings, verdict)
