@@ -209,8 +209,8 @@ def test_a_local_origin_gets_the_allow_header(server: tuple[int, Path], origin: 
 
 
 def test_a_local_page_that_sends_a_key_passes_its_preflight(keyed_server: int) -> None:
-    """A browser lets "*" cover neither Authorization nor, with credentials, anything: the
-    allowed headers must name what the preflight asks for."""
+    """The Fetch standard lets "*" cover neither Authorization nor, with credentials,
+    anything: the allowed headers name what the preflight asks for."""
     port = keyed_server
     host = f"127.0.0.1:{port}"
     origin = "http://localhost:5173"
