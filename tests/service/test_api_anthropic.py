@@ -193,6 +193,21 @@ def test_a_tool_result_as_blocks_is_the_same_prompt(client: anthropic.Anthropic)
     assert prompt_tokens(PARIS_RESULT) == prompt_tokens(blocks) > 0
 
 
+def test_budget_tokens_cut_the_thought_and_the_answer_follows(
+    client: anthropic.Anthropic,
+) -> None:
+    """budget_tokens is the thinking budget (patch 0012's thinking_token_budget)."""
+    question = [{"role": "user", "content": script.LONG_THOUGHT_PROMPT}]
+    request = {"model": SERVED, "max_tokens": 400, "messages": question}
+    full = client.messages.create(thinking=THINKING, **request)
+    assert texts(full, "thinking") == [script.LONG_THOUGHT]
+    cut = client.messages.create(thinking={"type": "enabled", "budget_tokens": 16}, **request)
+    (thought,) = texts(cut, "thinking")
+    assert 0 < len(thought) < len(script.LONG_THOUGHT)
+    assert script.LONG_THOUGHT.startswith(thought)
+    assert texts(cut) == [script.LONG_THOUGHT_ANSWER]
+
+
 def test_count_tokens_is_the_prompt_a_message_processes(client: anthropic.Anthropic) -> None:
     request = {"model": SERVED, "messages": HELLO, "system": SYSTEM_PROMPT, "tools": [WEATHER_TOOL]}
     counted = client.messages.count_tokens(**request).input_tokens
