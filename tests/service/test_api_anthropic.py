@@ -198,7 +198,7 @@ def test_budget_tokens_cut_the_thought_and_the_answer_follows(
 ) -> None:
     """budget_tokens is the thinking budget (patch 0012's thinking_token_budget)."""
     question = [{"role": "user", "content": script.LONG_THOUGHT_PROMPT}]
-    request = {"model": SERVED, "max_tokens": 400, "messages": question}
+    request = {"model": SERVED, "max_tokens": 1000, "messages": question}
     full = client.messages.create(thinking=THINKING, **request)
     assert texts(full, "thinking") == [script.LONG_THOUGHT]
     cut = client.messages.create(thinking={"type": "enabled", "budget_tokens": 16}, **request)
