@@ -314,8 +314,12 @@ def test_installed_checkout_is_what_python_imports(patched_runtime: PatchedRunti
     series = patchqueue.Series.load(patched_runtime.root / "patches" / "series")
     provides = checkout.provided_options(patched_runtime.root / "patches", series.entries)
     assert provides, "the queue should provide server options"
-    for option in provides:
-        assert option in help_text
+    server_source = (Path(origin).parent / "server.py").read_text()
+    for item in provides:
+        if item.startswith("/"):  # an endpoint: routed in server.py
+            assert f'"{item}"' in server_source, item
+        else:
+            assert item in help_text
 
 
 def test_pypi_source_is_reproducible_and_works_offline_from_its_cache(

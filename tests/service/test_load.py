@@ -1,7 +1,8 @@
-"""Bursts of concurrent chat requests on the real patched server (issue 11, part 2).
+"""Bursts of concurrent requests on the real patched server (issue 11, part 2; issue 19).
 
-Fifty requests at once, then 200 twenty at a time: mixed streaming and not, a shared system
-prompt, a few malformed bodies. Every valid request gets a 200 with a completion, every
+Fifty requests at once, then 200 twenty at a time: chat completions, the Anthropic Messages
+API and the OpenAI Responses API in turn, mixed streaming and not, a shared system prompt, a
+few malformed bodies. Every valid request gets a 200 with a completion, every
 malformed one a 4xx JSON error, none is dropped, and the prompt cache stays within its limits
 (entries in memory from the server's log, bytes on disk from the folder).
 """
@@ -37,7 +38,7 @@ def test_bursts_are_answered_within_the_cache_limits(
     ]  # fmt: skip
     with running_server(patched_runtime.python, args) as (url, log_path):
         for _, count, concurrency in loadtest.PHASES:
-            requests = loadtest.make_requests(count)
+            requests = loadtest.make_requests(count, apis=tuple(loadtest.PATHS))
             valid = sum(r.valid for r in requests)
             report = loadtest.run_load(url, requests, concurrency)
             print(f"\n{count} by {concurrency}: {report.answered_200} x 200, "
@@ -47,6 +48,10 @@ def test_bursts_are_answered_within_the_cache_limits(
             assert not report.wrong, [o.detail for o in report.wrong]
             assert (report.answered_200, report.answered_4xx) == (valid, count - valid)
             assert 0 < count - valid < valid
+            # Chat completions, the Messages and the Responses API, each answered and refused
+            for outcome in (200, 400):
+                apis = {o.request.api for o in report.outcomes if o.correct and o.status == outcome}
+                assert apis == set(loadtest.PATHS), (outcome, apis)
             assert loadtest.healthy(url)
         log = log_path.read_text(errors="replace")
     # The in-memory cache filled up to its limit and never held more.

@@ -32,11 +32,11 @@ BAD_BODIES = [
 ]
 
 
-def post(url: str, body: bytes) -> tuple[int, bytes]:
+def post(url: str, body: bytes, path: str = "/v1/chat/completions") -> tuple[int, bytes]:
     parts = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     try:
-        connection.request("POST", "/v1/chat/completions", body=body)
+        connection.request("POST", path, body=body)
         response = connection.getresponse()
         return response.status, response.read()
     finally:
@@ -115,3 +115,64 @@ def test_a_bad_content_length_gets_400_and_a_closed_connection(
         status, answer = post(url, body)
         assert status == 200 and json.loads(answer)["choices"][0]["finish_reason"]
         assert loadtest.healthy(url)
+
+
+# The other APIs (patches 0013, 0014): the same checks, answered in each API's error shape.
+DIALECT_BAD_BODIES = {
+    "/v1/messages?beta=true": [
+        b"\xff\xfe{}",
+        b'{"max_tokens": 4, "messages": [{"role": "user", "content": "hi"}',
+        b"[1, 2]",
+        b'{"max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], "stop_sequences": 5}',
+        b'{"max_tokens": 4, "messages": [{"role": "user", "content": [7]}]}',
+        b'{"max_tokens": 4.5, "messages": [{"role": "user", "content": "hi"}]}',
+    ],
+    "/v1/responses": [
+        b"\xff\xfe{}",
+        b'{"input": [{"role": "user", "content": "hi"}',
+        b"[1, 2]",
+        b'{"input": 5}',
+        b'{"input": "hi", "max_output_tokens": "4"}',
+        b'{"input": [{"type": "message", "role": "user", "content": {}}]}',
+    ],
+}
+
+
+def anthropic_error(answer: bytes) -> bool:
+    error = json.loads(answer)
+    return error["type"] == "error" and bool(error["error"]["message"])
+
+
+def openai_error(answer: bytes) -> bool:
+    error = json.loads(answer)["error"]
+    return error["type"] == "invalid_request_error" and bool(error["message"])
+
+
+SHAPES = {"/v1/messages?beta=true": anthropic_error, "/v1/responses": openai_error}
+
+
+def test_malformed_requests_to_the_other_apis_get_400_in_their_shape(
+    patched_runtime: PatchedRuntime, demo_model: Path
+) -> None:
+    with running_server(patched_runtime.python, ["--model", str(demo_model)]) as (url, _):
+        for path, bodies in DIALECT_BAD_BODIES.items():
+            shaped = SHAPES[path]
+            for body in bodies:
+                status, answer = post(url, body, path)
+                assert status == 400 and shaped(answer), (path, body, status, answer)
+            # No Content-Length: the chat code's 411, in this API's shape
+            parts = urllib.parse.urlsplit(url)
+            connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+            connection.putrequest("POST", path)
+            connection.endheaders()
+            reply = connection.getresponse()
+            assert reply.status == 411 and shaped(reply.read())
+            connection.close()
+        assert loadtest.healthy(url)
+        # Valid requests still work: the generation thread is alive.
+        message = json.dumps({"max_tokens": 4, "messages": HI}).encode()
+        status, answer = post(url, message, "/v1/messages")
+        assert status == 200 and json.loads(answer)["stop_reason"]
+        response = json.dumps({"input": "hi", "max_output_tokens": 4}).encode()
+        status, answer = post(url, response, "/v1/responses")
+        assert status == 200 and json.loads(answer)["status"] in ("completed", "incomplete")

@@ -40,6 +40,9 @@ ENDPOINTS = [
     ("POST", "/v1/completions"),
     ("POST", "/v1/chat/completions"),
     ("POST", "/chat/completions"),
+    ("POST", "/v1/messages?beta=true"),
+    ("POST", "/v1/messages/count_tokens"),
+    ("POST", "/v1/responses"),
     ("OPTIONS", "/v1/chat/completions"),
     ("GET", "/no/such/endpoint"),
 ]
@@ -181,6 +184,8 @@ def test_a_foreign_origin_gets_no_allow_header(server: tuple[int, Path], origin:
     for method, path, headers in (
         ("OPTIONS", "/v1/chat/completions", preflight),
         ("POST", "/v1/chat/completions", simple),
+        ("POST", "/v1/messages?beta=true", simple),
+        ("POST", "/v1/responses", simple),
         ("GET", "/v1/models", {"Origin": origin}),
         ("GET", "/health", {"Origin": origin}),
     ):
@@ -205,6 +210,10 @@ def test_a_local_origin_gets_the_allow_header(server: tuple[int, Path], origin: 
     simple = {"Origin": origin, "Content-Type": "text/plain"}
     status, headers, body = call(port, "POST", "/v1/chat/completions", host, simple)
     assert status == 200 and json.loads(body)["model"] == SERVED
+    assert headers["access-control-allow-origin"] == origin
+    message = {"model": SERVED, "max_tokens": 2, "messages": CHAT["messages"]}
+    status, headers, body = call(port, "POST", "/v1/messages", host, simple, message)
+    assert status == 200 and json.loads(body)["type"] == "message"
     assert headers["access-control-allow-origin"] == origin
 
 

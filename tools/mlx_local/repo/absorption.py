@@ -12,12 +12,18 @@ from ..atomic import write_atomic
 from . import gitutil, patchqueue
 
 
+def server_defines(source: str, item: str) -> bool:
+    """Whether server.py's `source` defines a `Provides:` item: an option ("--name") or an
+    endpoint ("/v1/path"), each written there as a quoted string."""
+    return re.search(rf"""["']{re.escape(item)}["']""", source) is not None
+
+
 def provided_upstream(repo: Path, rev: str, provides: tuple[str, ...]) -> bool:
-    """Whether the unpatched server at `rev` already defines every option in `provides`."""
+    """Whether the unpatched server at `rev` already defines every item in `provides`."""
     if not provides:
         return False
     source = gitutil.git(repo, "show", f"{rev}:mlx_lm/server.py", check=False).stdout
-    return all(re.search(rf"""["']{re.escape(option)}["']""", source) for option in provides)
+    return all(server_defines(source, item) for item in provides)
 
 
 def absorbed_at(

@@ -12,6 +12,7 @@ from packaging.version import Version
 from ..errors import UserError
 from ..server_help import server_options
 from . import upstream
+from .absorption import server_defines
 from .checkout import checkout_base
 
 BACKENDS = ("auto", "cpu", "metal", "cuda12", "cuda13")
@@ -69,8 +70,15 @@ def install_editable(python: Path, repo: Path, backend: str) -> None:
 
 
 def verify_server_options(python: Path, options: list[str]) -> None:
-    """Check that the installed server's --help lists every option the patches provide."""
+    """Check that the installed server provides every `Provides:` item of the patches: each
+    option in its --help, each endpoint ("/v1/...") routed in its server.py."""
     shown = server_options(python)
-    missing = [option for option in options if option not in shown]
+    missing = [o for o in options if not o.startswith("/") and o not in shown]
     if missing:
         raise UserError(f"the server's --help lacks {', '.join(missing)} after patching")
+    endpoints = [o for o in options if o.startswith("/")]
+    origin = installed_origin(python) if endpoints else None
+    source = (origin.parent / "server.py").read_text() if origin else ""
+    unrouted = [e for e in endpoints if not server_defines(source, e)]
+    if unrouted:
+        raise UserError(f"the server does not route {', '.join(unrouted)} after patching")

@@ -1,14 +1,16 @@
-"""Bursts of concurrent chat requests against a server: answered, rejected, dropped, latency.
+"""Bursts of concurrent requests against a server: answered, rejected, dropped, latency.
 
     python -m mlx_local.service.loadtest --url http://127.0.0.1:8000
     python -m mlx_local.service.loadtest --model local-models/demo-tiny-qwen3 --backlog 5 128
+    python -m mlx_local.service.loadtest --url ... --apis chat messages responses
 
 With --url it loads a running server; with --model it starts the patched server (this
 Python's mlx_lm: run it with .venv/bin/python) once per --backlog value, with
 `--listen-backlog N` and a small prompt cache, and prints the runs side by side: requests
 sent, answered 200 with a completion, answered 4xx with a JSON error (the malformed ones),
 dropped (reset, refused, timed out), wrong answers, latency of the valid ones, /health after,
-peak memory and the largest prompt cache the server logged.
+peak memory and the largest prompt cache the server logged. --apis takes the requests in
+turn through chat completions, the Anthropic Messages API and the OpenAI Responses API.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ SHARED_PREFIX = (
     "servers on the loopback interface. "
 ) * 3
 
-# Bodies a server must refuse with a 4xx JSON error (bytes: sent as they are).
+# The APIs a load can use: the path each posts to.
+PATHS = {"chat": "/v1/chat/completions", "messages": "/v1/messages", "responses": "/v1/responses"}
+
+# Bodies a server must refuse with a 4xx JSON error (bytes: sent as they are), per API.
 MALFORMED: tuple[bytes, ...] = (
     b'{"messages": [{"role": "user", "content": "hi"}',  # bad JSON
     b'{"max_tokens": 4}',  # no messages
@@ -45,6 +50,20 @@ MALFORMED: tuple[bytes, ...] = (
     b'{"messages": "hi", "max_tokens": 4}',  # messages not a list
     b'{"messages": [{"role": "user", "content": "hi"}], "stop": 5, "max_tokens": 4}',
 )
+MALFORMED_BY_API: dict[str, tuple[bytes, ...]] = {
+    "chat": MALFORMED,
+    "messages": (
+        b'{"max_tokens": 4, "messages": [{"role": "user", "content": "hi"}',
+        b'{"max_tokens": 4, "messages": "hi"}',
+        b'{"max_tokens": "4", "messages": [{"role": "user", "content": "hi"}]}',
+        b'{"max_tokens": 4, "messages": [], "stop_sequences": 5}',
+    ),
+    "responses": (
+        b'{"input": [{"role": "user", "content": "hi"}',
+        b'{"input": 5}',
+        b'{"input": "hi", "max_output_tokens": "4"}',
+    ),
+}
 
 REQUEST_TIMEOUT = 300.0
 PROMPT_CACHE_LINE = re.compile(r"Prompt Cache: (\d+) sequences")
@@ -52,11 +71,12 @@ PROMPT_CACHE_LINE = re.compile(r"Prompt Cache: (\d+) sequences")
 
 @dataclass(frozen=True)
 class Request:
-    """One request of a load: its body, whether it is valid, whether it streams."""
+    """One request of a load: its body, whether it is valid, whether it streams, its API."""
 
     body: bytes
     valid: bool
     stream: bool
+    api: str = "chat"
 
 
 @dataclass(frozen=True)
@@ -108,31 +128,72 @@ class Report:
         return statistics.quantiles(times, n=100, method="inclusive")[round(quantile * 100) - 1]
 
 
-def make_requests(count: int, malformed_every: int = 10, max_tokens: int = 8) -> list[Request]:
-    """`count` chat requests sharing a system prompt, alternately streaming; every
-    `malformed_every`-th one is malformed (cycling through MALFORMED)."""
-    requests = []
-    for i in range(count):
-        if malformed_every and i % malformed_every == malformed_every - 1:
-            body = MALFORMED[(i // malformed_every) % len(MALFORMED)]
-            requests.append(Request(body, valid=False, stream=False))
-            continue
-        stream = i % 2 == 0
-        payload = {
-            "messages": [
-                {"role": "system", "content": SHARED_PREFIX},
-                {"role": "user", "content": f"Request {i}: which file holds the config?"},
-            ],
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
+def _payload(api: str, question: str, max_tokens: int, stream: bool) -> dict:
+    """A valid request of `api` with the shared system prompt and `question`."""
+    if api == "responses":
+        return {
+            "instructions": SHARED_PREFIX,
+            "input": question,
+            "max_output_tokens": max_tokens,
             "stream": stream,
         }
-        requests.append(Request(json.dumps(payload).encode(), valid=True, stream=stream))
+    payload = {
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": stream,
+    }
+    if api == "messages":
+        return {"system": SHARED_PREFIX, **payload}
+    payload["messages"].insert(0, {"role": "system", "content": SHARED_PREFIX})
+    return payload
+
+
+def make_requests(
+    count: int, malformed_every: int = 10, max_tokens: int = 8, apis: Sequence[str] = ("chat",)
+) -> list[Request]:
+    """`count` requests sharing a system prompt, alternately streaming, through `apis` in
+    turn; every `malformed_every`-th one is malformed (cycling through its API's bodies)."""
+    requests = []
+    for i in range(count):
+        api = apis[i % len(apis)]
+        if malformed_every and i % malformed_every == malformed_every - 1:
+            bad = MALFORMED_BY_API[api]
+            body = bad[(i // malformed_every) % len(bad)]
+            requests.append(Request(body, valid=False, stream=False, api=api))
+            continue
+        stream = i % 2 == 0
+        question = f"Request {i}: which file holds the config?"
+        payload = _payload(api, question, max_tokens, stream)
+        requests.append(Request(json.dumps(payload).encode(), True, stream, api))
     return requests
 
 
+def _events(body: bytes) -> list[dict]:
+    """The data of each server-sent event of a stream."""
+    lines = body.decode().splitlines()
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+
+
 def _completed(request: Request, body: bytes) -> bool:
-    """Whether a 200 `body` holds a finished completion (a stream: chunks, then [DONE])."""
+    """Whether a 200 `body` holds a finished answer (a chat stream: chunks, then [DONE]; a
+    Messages stream: message_stop; a Responses stream: response.completed/incomplete)."""
+    if request.api == "messages":
+        if request.stream:
+            events = _events(body)
+            return events[-1]["type"] == "message_stop" and any(
+                e["type"] == "message_delta" and e["delta"]["stop_reason"] for e in events
+            )
+        message = json.loads(body)
+        return message["type"] == "message" and bool(message["stop_reason"])
+    if request.api == "responses":
+        done = ("completed", "incomplete")
+        if request.stream:
+            last = _events(body)[-1]
+            return last["type"] in ("response.completed", "response.incomplete") and (
+                last["response"]["status"] in done
+            )
+        return json.loads(body)["status"] in done
     if request.stream:
         events = [line[6:] for line in body.decode().splitlines() if line.startswith("data: ")]
         if not events or events[-1] != "[DONE]":
@@ -160,14 +221,14 @@ def _judge(request: Request, status: int, body: bytes) -> tuple[bool, str]:
 
 
 def send(url: str, request: Request, timeout: float = REQUEST_TIMEOUT) -> Outcome:
-    """POST one chat request on a new connection and judge the answer."""
+    """POST one request on a new connection and judge the answer."""
     parts = urllib.parse.urlsplit(url)
     start = time.monotonic()
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
         connection.request(
             "POST",
-            "/v1/chat/completions",
+            PATHS[request.api],
             body=request.body,
             headers={"Content-Type": "application/json"},
         )
@@ -231,11 +292,14 @@ def max_prompt_cache_sequences(log_text: str) -> int | None:
 PHASES: tuple[tuple[str, int, int], ...] = (("50 at once", 50, 50), ("200 by 20", 200, 20))
 
 
-def run_phases(url: str, max_tokens: int = 8) -> list[tuple[str, Report, bool]]:
+def run_phases(
+    url: str, max_tokens: int = 8, apis: Sequence[str] = ("chat",)
+) -> list[tuple[str, Report, bool]]:
     """Each phase of PHASES against `url`: (name, report, /health OK afterwards)."""
     results = []
     for name, count, concurrency in PHASES:
-        report = run_load(url, make_requests(count, max_tokens=max_tokens), concurrency)
+        requests = make_requests(count, max_tokens=max_tokens, apis=apis)
+        report = run_load(url, requests, concurrency)
         results.append((name, report, healthy(url)))
     return results
 
@@ -281,10 +345,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backlog", type=int, nargs="+", default=[5, 128])
     parser.add_argument("--prompt-cache-size", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument(
+        "--apis", nargs="+", choices=list(PATHS), default=["chat"], help="APIs used in turn"
+    )
     args = parser.parse_args(argv)
 
     if args.url:
-        results = run_phases(args.url, args.max_tokens)
+        results = run_phases(args.url, args.max_tokens, args.apis)
         print(table([(args.url, name, rep, ok, "-") for name, rep, ok in results]))
         return 0 if all(r.dropped == 0 and not r.wrong and ok for _, r, ok in results) else 1
 
@@ -293,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mlx-loadtest-") as tmp:
         for backlog in args.backlog:
             with patched_server(Path(sys.executable), args.model, backlog, extra, Path(tmp)) as s:
-                results = run_phases(s.base_url, args.max_tokens)
+                results = run_phases(s.base_url, args.max_tokens, args.apis)
                 cached = max_prompt_cache_sequences(s.log_path.read_text(errors="replace"))
                 rss = s.peak_rss()
                 memory = f"peak {rss / 2**20:.0f} MiB, cache <= {cached}/{args.prompt_cache_size}"
