@@ -28,3 +28,4 @@ system-deps:
 lint: $(STAMP)
 	$(BIN)/ruff check tools tests
 	$(BIN)/ruff format --check tools tests
+	$(BIN)/mlx-local patches lint

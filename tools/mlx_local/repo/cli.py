@@ -9,7 +9,7 @@ from rich.table import Table
 from .. import project
 from ..console import console
 from ..locking import project_lock
-from . import checkout, install, patchqueue, queue, setup, update
+from . import checkout, install, lint, patchqueue, queue, setup, update
 from .update_state import UpdateReport
 from .upstream import SOURCES
 
@@ -97,6 +97,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions.add_parser(
         "export", help="rewrite patches/ from mlx-lm-repo/'s branch (refresh)"
     ).set_defaults(handler=run_patches_export)
+    actions.add_parser(
+        "lint", help="ruff, under upstream's rules, on the files the queue adds or changes"
+    ).set_defaults(handler=run_patches_lint)
 
 
 def run_setup_repo(args: argparse.Namespace) -> int:
@@ -165,6 +168,17 @@ def run_patches_export(args: argparse.Namespace) -> int:
     with project_lock(proj.state_dir, "patches export"):
         report = queue.export(proj)
     _print_export(report)
+    return 0
+
+
+def run_patches_lint(args: argparse.Namespace) -> int:
+    """patches lint: the queue's Python files pass upstream's ruff rules and formatting."""
+    report = lint.lint_queue(project.current())
+    if report.problems:
+        console.print(report.problems, markup=False, highlight=False)
+        console.print(f"[red]patches lint:[/] problems in the queue's {len(report.files)} files")
+        return 1
+    console.print(f"patches lint: {len(report.files)} files clean ({' '.join(report.files)})")
     return 0
 
 
