@@ -217,6 +217,9 @@ SERVER_KEYS: dict[str, Key] = {
         None,
         "name of an environment variable that holds the API key",
     ),
+    "api_key_stored": Key(
+        _bool, None, "the key `mlx-local key set` keeps in the Keychain or a systemd credential"
+    ),
 }
 
 # The [service] table: settings of mlx-local's service itself, not of the server.
@@ -318,8 +321,13 @@ def validate(data: dict[str, Any], root: Path | None = None) -> list[str]:
     else:
         problems.append("service must be a table: [service]")
     problems += [f"{key} is missing; it is required" for key in REQUIRED if key not in data]
-    if "api_key" in data and "api_key_env" in data:
-        problems.append("api_key and api_key_env are both set; allowed: at most one of them")
+    key_sources = [k for k in ("api_key", "api_key_env") if k in data]
+    key_sources += ["api_key_stored"] if data.get("api_key_stored") else []
+    if len(key_sources) > 1:
+        together = "both" if len(key_sources) == 2 else "all"
+        problems.append(
+            f"{' and '.join(key_sources)} are {together} set; allowed: at most one of them"
+        )
     if "prompt_cache_dir_bytes" in data and data.get("prompt_cache_dir", False) is False:
         problems.append(
             "prompt_cache_dir_bytes is set but prompt_cache_dir is off; allowed: set both"

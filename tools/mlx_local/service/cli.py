@@ -23,12 +23,15 @@ from ..plan.estimate import Verdict
 from ..server_help import server_help
 from . import (
     cli_cluster,
+    cli_key,
     command,
     control,
     exposure,
     group,
     install,
+    kind,
     kv_check,
+    login,
     logs,
     metrics,
     process,
@@ -42,8 +45,9 @@ STATE_STYLE = {"running": "green", "starting": "yellow", "crashed": "red", "stop
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the service commands (and `cluster check`, from cli_cluster)."""
+    """Add the service commands (and `cluster check` from cli_cluster, `key` from cli_key)."""
     cli_cluster.register(sub)
+    cli_key.register(sub)
     cfg = sub.add_parser("config", help="the settings file: init, path, show, check")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     init = cfg_sub.add_parser("init", help="create config.toml from the defaults")
@@ -96,8 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         )
         p.add_argument(
             "--kind",
-            choices=install.KINDS,
-            default=install.native_kind(),
+            choices=kind.KINDS,
+            default=kind.native_kind(),
             help="launchd or systemd (default: this system's)",
         )
         p.add_argument(
@@ -289,7 +293,10 @@ def _stop(args: argparse.Namespace) -> int:
 def _restart(args: argparse.Namespace) -> int:
     proj, cfg = _load()
     python = project.runtime_python()
-    serve.plan(proj, cfg, python, args.model, args.fallback_demo)  # refuse before stopping
+    installed = install.installed_kind()
+    if installed is not None:
+        login.check(cfg, installed)  # refuse before stopping
+    serve.plan(proj, cfg, python, args.model, args.fallback_demo)
     _render_stop(control.stop(proj, cfg))
     outcome = control.start(proj, cfg, python, args.model, args.fallback_demo)
     _render_start(outcome, cfg)
@@ -316,8 +323,9 @@ def _status(args: argparse.Namespace) -> int:
     table.add_column(style="bold")
     table.add_column()
     style = STATE_STYLE.get(state.state, "")
+    shown = f"{state.state} ({state.last_exit})" if state.last_exit else state.state
     rows = [
-        ("state", f"[{style}]{state.state}[/]" if style else state.state),
+        ("state", f"[{style}]{shown}[/]" if style else shown),
         ("managed by", state.manager),
         ("pid", str(state.pid or "-")),
         ("uptime", _duration(state.uptime_seconds)),
@@ -372,20 +380,37 @@ def _install(args: argparse.Namespace) -> int:
         err_console.print(f"# would write {path}:", highlight=False, soft_wrap=True)
         sys.stdout.write(install.render(args.kind, proj, cfg).decode())
         return 0
-    if install.will_load(args.kind, args.write_only):
-        stopped = control.stop(proj, cfg)
+    loads = install.will_load(args.kind, args.write_only)
+    login.check(cfg, args.kind, key_store=loads)
+    if loads:
+        stopped = control.stop_process(proj, cfg)
         if stopped.action in ("stopped", "killed"):
             console.print("stopped the background server; the service takes over")
-    result = install.install(args.kind, proj, cfg, args.dest, args.write_only)
+    result = install.install(args.kind, proj, cfg, args.dest)
     what = "wrote" if result.changed else "unchanged:"
     console.print(f"{what} {result.path}", highlight=False)
-    if result.loaded:
-        console.print(f"[green]installed[/] and started ({args.kind}); see `mlx-local status`")
+    if not loads:
+        return 0
+    python = project.runtime_python()
+    outcome = control.start_service(
+        args.kind, proj, cfg, python, reload=result.changed, path=result.path
+    )
+    for warning in outcome.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    if outcome.action == "already-running":
+        console.print(f"already running (pid {outcome.pid}) via {args.kind}, left alone")
+    else:
+        console.print(
+            f"[green]installed[/] and started (pid {outcome.pid}) via {args.kind}: "
+            f"{outcome.url}/v1; see `mlx-local status`",
+            highlight=False,
+        )
     return 0
 
 
 def _uninstall(args: argparse.Namespace) -> int:
-    removed = install.uninstall(args.kind, args.dest, args.write_only)
+    _, cfg = _load()
+    removed = install.uninstall(args.kind, cfg, args.dest, args.write_only)
     if removed is None:
         console.print("not installed; nothing to do")
     else:

@@ -15,6 +15,7 @@ from ..models.listing import model_folders
 from ..models.source import HUB_ID
 from ..project import Project
 from ..server_help import options_in
+from . import keystore
 
 ModelKind = Literal["local", "path", "hub"]
 # Server options that come from upstream releases, not from the patch queue: the first
@@ -89,10 +90,20 @@ def _option_args(options: dict, skip: set[str]) -> list[str]:
 
 
 def api_key(config: Config, environ: dict[str, str] | None = None) -> str | None:
-    """The API key from the config (directly or through the named variable), else None."""
+    """The API key from the config (directly, through the named variable, or the stored one),
+    else None."""
     environ = os.environ if environ is None else environ
     if "api_key" in config.options:
         return config.options["api_key"]
+    if config.options.get("api_key_stored"):
+        store = keystore.store()
+        key = store.read()
+        if key is None:
+            raise UserError(
+                f"api_key_stored = true but no key is stored in {store.where}: run "
+                "`mlx-local key set`"
+            )
+        return key
     name = config.options.get("api_key_env")
     if name is None:
         return None

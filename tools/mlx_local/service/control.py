@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import processes
@@ -13,11 +13,15 @@ from ..config import Config
 from ..errors import UserError
 from ..plan.estimate import Verdict
 from ..project import PYTHON_ENV, ROOT_ENV, Project
-from . import cluster, install, launchd, logs, process, systemd
+from . import cluster, install, login, logs, process, systemctl, systemd
 from . import metrics as metrics_mod
+from .command import resolve_model
+from .kind import Kind
+from .managed import ServiceState, describe_exit
 from .serve import plan
 
 LOG_LINES_ON_FAILURE = 20
+POLL = 0.5
 
 
 @dataclass(frozen=True)
@@ -32,12 +36,17 @@ class Outcome:
     verdict: Verdict | None = None  # the memory plan's verdict for what was started
 
 
-def _failure(message: str, config: Config) -> UserError:
-    lines = logs.tail(config.service.log_file, LOG_LINES_ON_FAILURE)
-    if not lines:
-        lines = logs.tail(config.service.log_dir / "service.log", LOG_LINES_ON_FAILURE)
+def _tail(path: Path, label: str = "") -> str:
+    lines = logs.tail(path, LOG_LINES_ON_FAILURE)
     shown = "\n".join(f"  {line}" for line in lines) or "  (the log is empty)"
-    return UserError(f"{message}; last lines of {config.service.log_file}:\n{shown}")
+    return f"last lines of {path}{label}:\n{shown}"
+
+
+def _failure(message: str, config: Config) -> UserError:
+    path = config.service.log_file
+    if not logs.tail(path, 1) and logs.tail(config.service.log_dir / "service.log", 1):
+        path = config.service.log_dir / "service.log"
+    return UserError(f"{message}; {_tail(path)}")
 
 
 def check_port(config: Config) -> None:
@@ -55,17 +64,117 @@ def check_port(config: Config) -> None:
         )
 
 
-def _service_start(kind: str, project: Project, config: Config) -> Outcome:
-    if kind == "launchd":
-        launchd.start(install.service_file("launchd"))
-        alive = lambda: launchd.info() is not None  # noqa: E731
-    else:
-        systemd.start()
-        alive = lambda: systemd.show().get("ActiveState") in ("active", "activating")  # noqa: E731
-    if not process.wait_healthy(config.host, config.port, config.service.start_timeout, alive):
-        raise _failure(f"the {kind} service did not become healthy", config)
-    pid = launchd.pid() if kind == "launchd" else systemd.pid()
-    return Outcome("started", kind, pid, process.base_url(config.host, config.port))
+def serve_args(project: Project, model_override: str | None, fallback_demo: bool) -> list[str]:
+    """What start/restart pass on to `serve` in the service: the model (resolved: a path or a
+    hub id, whatever folder the service runs in) and --fallback-demo."""
+    args = ["--model", resolve_model(model_override, project).argument] if model_override else []
+    return args + (["--fallback-demo"] if fallback_demo else [])
+
+
+def _installed_model(kind: Kind) -> str | None:
+    """The --model that start/restart wrote into the installed service, if any."""
+    program = install.installed_program(kind)
+    return program[program.index("--model") + 1] if "--model" in program[:-1] else None
+
+
+def _refuse_another_model(project: Project, current: str, requested: str | None) -> None:
+    """`start --model X` while another model is served: say how to switch."""
+    if requested is None:
+        return
+    wanted = resolve_model(requested, project)
+    if str(wanted.path or wanted.spec) != current:
+        raise UserError(
+            f"already running {current}; to serve {requested} instead: "
+            f"mlx-local restart --model {requested}"
+        )
+
+
+def _ended(status: int) -> str:
+    return f"exited with code {status}" if status >= 0 else f"was {describe_exit(status)}"
+
+
+def _service_failed(kind: Kind, current: ServiceState | None, config: Config) -> UserError:
+    """The service died during startup: stop it (so that it does not crash-loop unseen) and
+    say why, with the server's log and the service manager's (StandardErrorPath, journal)."""
+    driver = install.driver(kind)
+    driver.stop(config.service.stop_timeout, config.host, config.port)
+    status = current.last_exit if current else None
+    what = "was unloaded" if status is None else _ended(status)
+    what += " during startup"
+    if status:
+        what += (
+            f"; {kind} restarts it every {driver.RESTART_EVERY} s after a failure: a crash loop, "
+            "not a slow start"
+        )
+    blocks = [_tail(config.service.log_file)]
+    blocks.append(_tail(config.service.log_dir / "service.log", f" (the {kind} service's output)"))
+    if kind == "systemd" and (journal := systemctl.journal_tail(LOG_LINES_ON_FAILURE)):
+        blocks.append("the journal:\n" + "\n".join(f"  {line}" for line in journal))
+    return UserError(
+        f"the {kind} service {what}; stopped it (fix the cause, then `mlx-local start`)\n"
+        + "\n".join(blocks)
+    )
+
+
+def _wait_started(kind: Kind, before: int, config: Config) -> int | None:
+    """Wait for /health; a service whose process ended (or was replaced) fails at once."""
+    driver = install.driver(kind)
+    deadline = time.monotonic() + config.service.start_timeout
+    while True:
+        current = driver.state()
+        if process.healthy(config.host, config.port):
+            return current.pid if current else None
+        started = current.runs - before if current else 0
+        if current is None or started > 1 or (started == 1 and current.pid is None):
+            raise _service_failed(kind, current, config)
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"the {kind} service did not answer /health within "
+                f"{config.service.start_timeout:g}s; it is still starting (pid {current.pid}), "
+                "which a large model can take: `mlx-local status`, `mlx-local logs -f`; "
+                + _tail(config.service.log_file)
+            )
+        time.sleep(POLL)
+
+
+def start_service(
+    kind: Kind,
+    project: Project,
+    config: Config,
+    python: Path,
+    model_override: str | None = None,
+    fallback_demo: bool = False,
+    reload: bool = False,
+    path: Path | None = None,
+) -> Outcome:
+    """Start the installed service (its file at `path`, else the usual place) on what the
+    config and the overrides say; `reload`: the file changed, so a loaded service is loaded
+    again. A running one is left alone."""
+    login.check(config, kind)
+    url = process.base_url(config.host, config.port)
+    running = install.driver(kind).state()
+    running = running if running is not None and running.pid is not None else None
+    if process.healthy(config.host, config.port) and not reload:
+        current = _installed_model(kind) or str(
+            resolve_model(config.model, project).path or config.model
+        )
+        _refuse_another_model(project, current, model_override)
+        return Outcome("already-running", kind, running.pid if running else None, url)
+    if running is None:
+        check_port(config)  # the port is free, or someone else's
+    server = plan(project, config, python, model_override, fallback_demo)
+    path = path or install.service_file(kind)
+    content = install.render(
+        kind, project, config, serve_args(project, model_override, fallback_demo)
+    )
+    changed = install.write(path, content) or reload
+    project.state_dir.mkdir(parents=True, exist_ok=True)  # systemd records each exit there
+    settings = config.service
+    before = install.driver(kind).start(
+        path, changed, settings.stop_timeout, config.host, config.port
+    )
+    pid = _wait_started(kind, before, config)
+    return Outcome("started", kind, pid, url, tuple(server.warnings), server.verdict)
 
 
 def start(
@@ -79,16 +188,12 @@ def start(
     url = process.base_url(config.host, config.port)
     kind = install.installed_kind()
     if kind is not None:
-        if process.healthy(config.host, config.port):
-            return Outcome("already-running", kind, url=url)
-        check_port(config)
-        server = plan(project, config, python)
-        outcome = _service_start(kind, project, config)
-        return replace(outcome, warnings=tuple(server.warnings), verdict=server.verdict)
+        return start_service(kind, project, config, python, model_override, fallback_demo)
     pid_file = process.PidFile(project.state_dir)
     record = pid_file.read()
     if record is not None:
         if process.is_server(processes.process_info(record.pid)):
+            _refuse_another_model(project, record.model, model_override)
             return Outcome("already-running", "process", record.pid, url)
         pid_file.remove()
     check_port(config)
@@ -144,12 +249,14 @@ def stop(project: Project, config: Config) -> Outcome:
 
 def _stop(project: Project, config: Config) -> Outcome:
     kind = install.installed_kind()
-    if kind == "launchd":
-        pid = launchd.pid()
-        return Outcome("stopped" if launchd.stop() else "not-running", kind, pid)
-    if kind == "systemd":
-        pid = systemd.pid()
-        return Outcome("stopped" if systemd.stop() else "not-running", kind, pid)
+    if kind is None:
+        return stop_process(project, config)
+    before = install.driver(kind).stop(config.service.stop_timeout, config.host, config.port)
+    return Outcome("stopped" if before else "not-running", kind, before.pid if before else None)
+
+
+def stop_process(project: Project, config: Config) -> Outcome:
+    """Stop the background server `start` launched without a service (the pid file's)."""
     pid_file = process.PidFile(project.state_dir)
     record = pid_file.read()
     if record is None:
@@ -180,9 +287,31 @@ class Status:
     pid_file: str | None
     log_file: str
     detail: str = ""
+    last_exit: str | None = None  # how the last run ended (a service): "exited 0", ...
     metrics: metrics_mod.Summary | None = None  # from GET /metrics when the server answers
     metrics_detail: str = ""  # why there are no metrics
     ranks: list[dict] = field(default_factory=list)  # a [distributed] group: each rank
+
+
+def _service_status(kind: Kind, project: Project) -> tuple[str, int | None, str | None, str]:
+    """state, pid, last exit, detail of an installed service, from its manager."""
+    driver = install.driver(kind)
+    current = driver.state()
+    if current is None and kind == "systemd":  # an unloaded unit: its ExecStopPost= record
+        recorded = systemctl.recorded_exit(project.state_dir / systemd.EXIT_FILE)
+        current = ServiceState(None, 0, recorded, False) if recorded is not None else None
+    ended = describe_exit(current.last_exit) if current and current.last_exit is not None else None
+    if current is not None and current.pid is not None:
+        return "running", current.pid, None, ""
+    if not driver.enabled():
+        stays = "stopped by `mlx-local stop`: it stays stopped at login until `mlx-local start`"
+        return "stopped", None, ended, stays
+    if current is None or current.last_exit in (None, 0):
+        return "stopped", None, ended, ""
+    if current.restarting:
+        again = f"{ended}; {kind} restarts it in up to {driver.RESTART_EVERY} s"
+        return "crashed", None, ended, again
+    return "crashed", None, ended, f"{ended}; {kind} does not restart it (`mlx-local start`)"
 
 
 def status(project: Project, config: Config) -> Status:
@@ -194,18 +323,11 @@ def status(project: Project, config: Config) -> Status:
     port = record.port if record and record.port else config.port
     is_healthy = process.healthy(host, port)
     detail = ""
-    if kind == "launchd":
-        data = launchd.info()
-        pid = launchd.pid()
-        state = "stopped" if data is None else ("running" if pid else "crashed")
-        detail = "" if data is None else f"last exit code {data.get('last exit code', '?')}"
-    elif kind == "systemd":
-        data = systemd.show()
-        pid = systemd.pid()
-        active = data.get("ActiveState", "")
-        crashed = active == "failed" or data.get("SubState") == "auto-restart"
-        state = "crashed" if crashed else "running" if active == "active" else "stopped"
-        detail = f"{active}/{data.get('SubState', '')} result={data.get('Result', '')}"
+    last_exit = None
+    model = record.model if record and record.model else config.model
+    if kind is not None:
+        state, pid, last_exit, detail = _service_status(kind, project)
+        model = _installed_model(kind) or model
     elif record is not None:
         pid = record.pid
         alive = process.is_server(processes.process_info(pid))
@@ -231,7 +353,7 @@ def status(project: Project, config: Config) -> Status:
         port=port,
         url=process.base_url(host, port) + "/v1",
         health="ok" if is_healthy else "down",
-        model=(record.model if record and record.model else config.model),
+        model=model,
         served_model_name=(
             record.served_model_name
             if record and record.served_model_name
@@ -241,6 +363,7 @@ def status(project: Project, config: Config) -> Status:
         pid_file=str(pid_file.path) if kind is None else None,
         log_file=str(config.service.log_file),
         detail=detail,
+        last_exit=last_exit,
         metrics=summary,
         metrics_detail=why,
         ranks=[

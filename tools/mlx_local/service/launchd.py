@@ -1,14 +1,10 @@
-"""macOS: the LaunchAgent plist, and loading it with launchctl (bootstrap/bootout/kickstart)."""
+"""macOS: the LaunchAgent plist (launchd.plist(5)); service/launchctl.py loads and drives it."""
 
 from __future__ import annotations
 
-import os
 import plistlib
-import re
-import subprocess
 from pathlib import Path
 
-from ..errors import UserError
 from .unitenv import ServiceSpec
 
 LABEL = "com.local.mlx-local"
@@ -40,8 +36,8 @@ def build(spec: ServiceSpec) -> dict:
         "ProcessType": "Interactive",
         "LowPriorityIO": False,
         "LowPriorityBackgroundIO": False,
-        # Seconds launchd waits between SIGTERM and SIGKILL.
-        "ExitTimeOut": int(spec.stop_timeout),
+        # Seconds launchd waits between SIGTERM and SIGKILL (0 would mean forever).
+        "ExitTimeOut": spec.stop_seconds,
         "StandardOutPath": str(spec.output_log),
         "StandardErrorPath": str(spec.output_log),
     }
@@ -52,45 +48,9 @@ def render(spec: ServiceSpec) -> bytes:
     return plistlib.dumps(build(spec), sort_keys=False)
 
 
-def _domain() -> str:
-    return f"gui/{os.getuid()}"
-
-
-def _launchctl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(["launchctl", *args], capture_output=True, text=True, timeout=60)
-    if check and result.returncode != 0:
-        detail = (result.stderr or result.stdout).strip()
-        raise UserError(f"launchctl {' '.join(args)} failed: {detail}")
-    return result
-
-
-def info() -> dict[str, str] | None:
-    """`launchctl print` of the job as key -> value (None when it is not loaded)."""
-    result = _launchctl("print", f"{_domain()}/{LABEL}", check=False)
-    if result.returncode != 0:
-        return None
-    pairs = re.findall(r"^\s*([a-z][a-z ]*?) = (.*)$", result.stdout, flags=re.MULTILINE)
-    return {key: value.strip() for key, value in pairs}
-
-
-def pid() -> int | None:
-    """The running job's pid, if any."""
-    data = info() or {}
-    return int(data["pid"]) if data.get("pid", "").isdigit() else None
-
-
-def start(plist: Path) -> None:
-    """Load the job (RunAtLoad starts it) or, if loaded, start it now."""
-    _launchctl("enable", f"{_domain()}/{LABEL}", check=False)
-    if info() is None:
-        _launchctl("bootstrap", _domain(), str(plist))
-    else:
-        _launchctl("kickstart", f"{_domain()}/{LABEL}")
-
-
-def stop() -> bool:
-    """Unload the job, which stops it and keeps it stopped (False if it was not loaded)."""
-    if info() is None:
-        return False
-    _launchctl("bootout", f"{_domain()}/{LABEL}")
-    return True
+def program(path: Path) -> list[str]:
+    """ProgramArguments of an installed plist ([] when it cannot be read)."""
+    try:
+        return list(plistlib.loads(path.read_bytes()).get("ProgramArguments", []))
+    except (OSError, plistlib.InvalidFileException, ValueError):
+        return []

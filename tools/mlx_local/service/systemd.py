@@ -1,16 +1,21 @@
-"""Linux: the systemd user unit, and driving it with `systemctl --user`."""
+"""Linux: the systemd user unit (systemd.service(5)); service/systemctl.py drives it."""
 
 from __future__ import annotations
 
 import os
-import subprocess
+import shlex
 from pathlib import Path
 
 from ..errors import UserError
+from .keystore import CREDENTIAL
 from .unitenv import ServiceSpec
 
 UNIT = "mlx-local.service"
 RESTART_SECONDS = 5
+EXIT_FILE = "service-exit"  # in the project's .mlx-local/: how the last run ended
+# Run after every end of the server (systemd.service(5), ExecStopPost=): systemd forgets an
+# inactive unit's exit status once it unloads it, so keep "exited 0", "killed TERM", ...
+RECORD_EXIT = 'printf "%s %s\\n" "$EXIT_CODE" "$EXIT_STATUS" > "$0"'
 
 
 def default_dir() -> Path:
@@ -50,6 +55,11 @@ def _path(path: Path) -> str:
 def render(spec: ServiceSpec) -> str:
     """The unit file's text (see systemd.service(5), systemd.exec(5))."""
     environment = " ".join(_env_assignment(k, v) for k, v in spec.environment.items())
+    # The stored API key: systemd copies the 0600 file into the service's private
+    # $CREDENTIALS_DIRECTORY, where `serve` reads it (systemd.exec(5), Credentials).
+    credential = (
+        [f"LoadCredential={CREDENTIAL}:{_path(spec.credential)}"] if spec.credential else []
+    )
     return "\n".join(
         [
             "[Unit]",
@@ -64,12 +74,15 @@ def render(spec: ServiceSpec) -> str:
             f"WorkingDirectory={_path(spec.working_dir)}",
             f"Environment={environment}",
             "ExecStart=" + " ".join(quote(part) for part in spec.program),
+            *credential,
+            "ExecStopPost=-"  # "-": a failure here does not fail the unit
+            + " ".join(quote(w) for w in ["/bin/sh", "-c", RECORD_EXIT, str(exit_file(spec))]),
             # Restart after a crash, not after `systemctl stop` or a clean exit.
             "Restart=on-failure",
             f"RestartSec={RESTART_SECONDS}",
             # SIGTERM to the server only; its log copier ends by itself once the server is gone.
             "KillMode=mixed",
-            f"TimeoutStopSec={int(spec.stop_timeout)}",
+            f"TimeoutStopSec={spec.stop_seconds}",  # 0 would mean forever
             f"StandardOutput=append:{_path(spec.output_log)}",
             "StandardError=inherit",
             "",
@@ -80,65 +93,18 @@ def render(spec: ServiceSpec) -> str:
     )
 
 
-def _systemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def exit_file(spec: ServiceSpec) -> Path:
+    return spec.state_dir / EXIT_FILE
+
+
+def program(path: Path) -> list[str]:
+    """ExecStart= of an installed unit as words ([] when it cannot be read)."""
     try:
-        result = subprocess.run(
-            ["systemctl", "--user", *args], capture_output=True, text=True, timeout=60
-        )
-    except FileNotFoundError:
-        raise UserError("systemctl is not installed; cannot manage a systemd user unit") from None
-    if check and result.returncode != 0:
-        detail = (result.stderr or result.stdout).strip()
-        raise UserError(f"systemctl --user {' '.join(args)} failed: {detail}")
-    return result
-
-
-def bus_available() -> bool:
-    """Whether a user systemd instance answers (`systemctl --user` can work)."""
-    try:
-        return _systemctl("show-environment", check=False).returncode == 0
-    except UserError:
-        return False
-
-
-def no_bus_message() -> str:
-    return (
-        "no systemd user instance is reachable (systemctl --user cannot connect to the bus; "
-        "log in through a normal session or run `loginctl enable-linger $USER`)"
-    )
-
-
-def show() -> dict[str, str]:
-    """ActiveState, SubState, MainPID, Result of the unit."""
-    result = _systemctl(
-        "show", UNIT, "-p", "ActiveState,SubState,MainPID,Result,LoadState", check=False
-    )
-    pairs = (line.partition("=") for line in result.stdout.splitlines())
-    return {key: value for key, _, value in pairs}
-
-
-def pid() -> int | None:
-    value = show().get("MainPID", "0")
-    return int(value) if value.isdigit() and value != "0" else None
-
-
-def enable_and_start() -> None:
-    _systemctl("daemon-reload")
-    _systemctl("enable", UNIT)
-    _systemctl("restart", UNIT)
-
-
-def start() -> None:
-    _systemctl("start", UNIT)
-
-
-def stop() -> bool:
-    """Stop the unit (it stays stopped: Restart=on-failure ignores a stop). False if inactive."""
-    was_active = show().get("ActiveState") in ("active", "activating", "reloading")
-    _systemctl("stop", UNIT)
-    return was_active
-
-
-def disable() -> None:
-    _systemctl("disable", "--now", UNIT, check=False)
-    _systemctl("daemon-reload")
+        lines = path.read_text("utf-8").splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        if line.startswith("ExecStart="):
+            words = shlex.split(line.removeprefix("ExecStart="))
+            return [word.replace("%%", "%").replace("$$", "$") for word in words]
+    return []
