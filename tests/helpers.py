@@ -76,8 +76,10 @@ def run_cli(
     env: Mapping[str, str] | None = None,
     script: str = "mlx-local",
     timeout: float = 900,
+    stdin: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run one of the project's console scripts for real, on the project at `home`."""
+    """Run one of the project's console scripts for real, on the project at `home` (with
+    `stdin` as its input, else none)."""
     full_env = {**os.environ, "MLX_LOCAL_HOME": str(home), **(env or {})}
     return subprocess.run(
         [str(VENV_BIN / script), *args],
@@ -85,6 +87,8 @@ def run_cli(
         text=True,
         env=full_env,
         timeout=timeout,
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
     )
 
 
@@ -94,8 +98,8 @@ class ServiceProject:
     port: int
     env: dict[str, str]
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return run_cli(list(args), self.root, env=self.env, timeout=300)
+    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return run_cli(list(args), self.root, env=self.env, timeout=300, stdin=stdin)
 
     def status(self) -> dict:
         result = self.cli("status", "--json")

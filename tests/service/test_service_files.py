@@ -2,7 +2,8 @@
 
 Linux cannot load a LaunchAgent, so the plist is validated with plistlib and Debian's plistutil;
 the unit is validated with `systemd-analyze verify`. Both are parsed, not grepped. Paths with
-spaces (and a `%`) check the quoting. launchctl itself runs only in the macOS test at the end.
+spaces (and a `%`) check the quoting. Loading them: test_login_service.py (the stand-in
+launchd, a real systemd user manager) and test_macos_service.py (the real launchctl).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import pytest
 
 from mlx_local import config
 from mlx_local.project import Project
-from mlx_local.service import install, launchd, systemd, unitenv
+from mlx_local.service import launchctl, launchd, systemctl, systemd, unitenv
+from mlx_local.service.kind import KINDS
 from tests.helpers import run_cli
 
 needs_plistutil = pytest.mark.skipif(
@@ -116,6 +118,16 @@ def test_unit_has_absolute_paths_and_restart_on_failure(spaced: tuple[Project, P
     assert unit["Install"]["WantedBy"] == "default.target"
 
 
+def test_a_fractional_stop_timeout_rounds_up_never_to_0(spaced: tuple[Project, Path]) -> None:
+    """Issue 22 #7: launchd reads ExitTimeOut 0 as "wait forever", systemd TimeoutStopSec=0
+    alike; stop_timeout = 0.5 must become 1 second, not 0."""
+    proj, python = spaced
+    (proj.root / "config.toml").write_text("[service]\nstop_timeout = 0.5\n")
+    spec = spec_for(proj, python)
+    assert plistlib.loads(launchd.render(spec))["ExitTimeOut"] == 1
+    assert parse_unit(systemd.render(spec))["Service"]["TimeoutStopSec"] == "1"
+
+
 @needs_systemd_analyze
 def test_unit_passes_systemd_analyze_verify(spaced: tuple[Project, Path], tmp_path: Path) -> None:
     proj, python = spaced
@@ -135,7 +147,7 @@ def test_unit_passes_systemd_analyze_verify(spaced: tuple[Project, Path], tmp_pa
     assert bad.returncode != 0
 
 
-@pytest.mark.parametrize("kind", install.KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_install_and_uninstall_are_idempotent(kind: str, tmp_path: Path) -> None:
     root = tmp_path / "project with space"
     root.mkdir()
@@ -168,7 +180,7 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="Linux only")
 def test_install_without_a_user_bus_says_so(tmp_path: Path) -> None:
-    if systemd.bus_available():
+    if systemctl.bus_available():
         pytest.skip("a systemd user instance is running here")
     dest = tmp_path / "dest"
     result = run_cli(["install-service", "--dest", str(dest)], tmp_path)
@@ -177,20 +189,31 @@ def test_install_without_a_user_bus_says_so(tmp_path: Path) -> None:
     assert not dest.exists()
 
 
-@pytest.mark.skipif(sys.platform != "darwin", reason="launchctl exists only on macOS")
-def test_launchctl_bootstrap_and_bootout(tmp_path: Path) -> None:
-    """On macOS: install loads the agent into gui/$UID, uninstall boots it out (real launchctl).
+def test_a_stored_key_is_a_credential_of_the_unit_and_nothing_of_the_plist(tmp_path: Path) -> None:
+    """api_key_stored: the unit loads the 0600 credential file (LoadCredential=), the plist
+    names nothing (serve reads the Keychain); neither holds a key."""
+    (tmp_path / "config.toml").write_text("api_key_stored = true\n")
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg config")}
+    unit = run_cli(["install-service", "--kind", "systemd", "--dry-run"], tmp_path, env=env)
+    assert unit.returncode == 0, unit.stderr
+    credential = tmp_path / "xdg config" / "credstore" / "mlx-local-api-key"
+    lines = parse_unit(unit.stdout)["Service"]
+    assert lines["LoadCredential"] == f"mlx-local-api-key:{credential}"
+    plist = run_cli(["install-service", "--kind", "launchd", "--dry-run"], tmp_path, env=env)
+    data = plistlib.loads(plist.stdout.encode())
+    assert data["EnvironmentVariables"]["MLX_LOCAL_SERVICE_MANAGER"] == "launchd"
+    assert "credstore" not in plist.stdout
 
-    The agent runs a model-less config, so it starts and fails harmlessly; only loading is
-    checked. It uses a temporary LaunchAgents folder so ~/Library is never touched.
-    """
-    dest = tmp_path / "LaunchAgents"
-    env = {install.DIR_ENV: str(dest)}
-    result = run_cli(["install-service", "--dest", str(dest)], tmp_path, env=env)
-    try:
-        assert result.returncode == 0, result.stderr
-        assert launchd.info() is not None
-    finally:
-        run_cli(["uninstall-service", "--dest", str(dest)], tmp_path, env=env)
-    assert launchd.info() is None
-    assert not (dest / launchd.file_name()).exists()
+
+def test_launchctl_print_is_read_at_the_top_level_only() -> None:
+    """`launchctl print` nests blocks (endpoints, event triggers) with keys of the same names;
+    the job's own are the lines one tab in."""
+    text = (
+        "gui/501/com.local.mlx-local = {\n\tactive count = 0\n\tstate = spawn scheduled\n"
+        "\targuments = {\n\t\t/venv/bin/python\n\t}\n\truns = 3\n"
+        "\tlast terminating signal = Abort trap: 6\n\tendpoints = {\n"
+        '\t\t"com.example" = {\n\t\t\tstate = active\n\t\t\tpid = 77\n\t\t}\n\t}\n}\n'
+    )
+    fields = launchctl._fields(text)
+    assert fields["state"] == "spawn scheduled" and "pid" not in fields
+    assert launchctl._last_exit(fields) == -6 and fields["runs"] == "3"

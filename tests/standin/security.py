@@ -1,6 +1,6 @@
 """The stand-in `security` (tests only): the generic-password commands of macOS's security(1)
-that mlx-local uses, over a JSON file ($STANDIN_KEYCHAIN, mode 0600) instead of the login
-keychain, which Linux does not have.
+that mlx-local uses, over a JSON file (mode 0600) where the login keychain would be,
+~/Library/Keychains/, instead of the keychain itself, which Linux does not have.
 
 Modelled on security(1): `add-generic-password -a ACCOUNT -s SERVICE -w PASSWORD [-U]` (without
 -U an existing item is an error, exit 45), `find-generic-password -a -s [-w]` (-w prints only
@@ -28,7 +28,7 @@ EXISTS = (
 
 
 def keychain() -> Path:
-    return Path(os.environ["STANDIN_KEYCHAIN"])
+    return Path(os.environ["HOME"]) / "Library" / "Keychains" / "login.keychain-standin.json"
 
 
 def load() -> dict[str, str]:
@@ -40,6 +40,7 @@ def load() -> dict[str, str]:
 
 def save(items: dict[str, str]) -> None:
     path = keychain()
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(items))
     tmp.chmod(0o600)
