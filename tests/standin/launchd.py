@@ -13,16 +13,22 @@ to it over D/launchd.sock (found through $STANDIN_LAUNCHD_DIR). What it models, 
   (restart unless the job exited with status 0; a death by signal is not a successful exit),
   ThrottleInterval (default 10), ExitTimeOut (SIGTERM, then SIGKILL; default 20; 0 = never),
   AbandonProcessGroup (default: the job's leftover process group gets SIGTERM when it dies).
-- launchd-842's core.c (the last open-source launchd): a job that ran less than its
-  ThrottleInterval is respawned after the rest of it ("Throttling respawn: Will start in N
-  seconds"), LAUNCHD_DEFAULT_EXIT_TIMEOUT 20, killpg(SIGTERM) of the dead job's process group.
-- Reports from real Macs (Layr-Labs/d-inference#1102, openclaw/openclaw#136453,
-  Opendray/opendray#211, KiroCrew#1562, NousResearch/hermes-agent#5536): `bootout` returns at
-  once after SIGTERM and launchd keeps the label for a cleanup window ("scheduling cleanup in
-  5 sec after sending Terminated: 15"); a `bootstrap` meanwhile fails with
-  `Bootstrap failed: 5: Input/output error`, as does one of a disabled service; bootstrapping a
+- launchd-842's core.c (the last open-source launchd, github.com/freebsd/openlaunchd): a job
+  that ran less than its ThrottleInterval is respawned after the rest of it ("Throttling
+  respawn: Will start in N seconds"), LAUNCHD_DEFAULT_EXIT_TIMEOUT 20, killpg(SIGTERM) of the
+  dead job's process group, KeepAlive's "good exit" = exited with status 0.
+- Reports from real Macs (GitHub: Layr-Labs/d-inference#1102, openclaw/openclaw#136453,
+  Opendray/opendray#211, kirodotdev/KiroCrew#1562, NousResearch/hermes-agent#5536,
+  Homebrew/homebrew-core#132781, Layr-Labs/d-inference#496): `bootout` returns at once after
+  SIGTERM and launchd keeps the label for a cleanup window ("scheduling cleanup in 5 sec after
+  sending Terminated: 15"); a `bootstrap` meanwhile fails with `Bootstrap failed: 5:
+  Input/output error` (37 underneath), as does one of a disabled service; bootstrapping a
   loaded service fails with 37 (Operation already in progress); an unknown service is 113
-  (`Could not find service "X" in domain for user gui: 501`); `kickstart -k` kills with SIGKILL.
+  (`Could not find service "X" in domain for user gui: 501`); `kickstart -k` kills with
+  SIGKILL; a disabled agent is not loaded at the next login.
+
+Not modelled: Mach services, sockets, other domains (system, user/<uid>), root's richer errors
+(119 for a disabled service), most of `print`'s many lines.
 
 The cleanup window is $STANDIN_LAUNCHD_CLEANUP_SECONDS (default 5, as on macOS): tests shorten
 it, but it is always there. A job leaves the domain once its process has exited and the window
