@@ -128,3 +128,39 @@ def recording_proxy(upstream: str) -> Iterator[tuple[str, Recorder]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _Refuser(BaseHTTPRequestHandler):
+    """Answers every proxy request (CONNECT host:443, GET http://...) with 403, noting where
+    it was meant to go."""
+
+    attempts: list[str]
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _refuse(self) -> None:
+        self.attempts.append(self.path if self.command == "CONNECT" else urlsplit(self.path).netloc)
+        self.send_response(403)
+        self.send_header("Content-Length", "0")
+        self.send_header("Connection", "close")
+        self.end_headers()
+
+    do_CONNECT = do_GET = do_POST = do_PUT = do_HEAD = _refuse
+
+
+@contextmanager
+def refusing_proxy() -> Iterator[tuple[str, list[str]]]:
+    """An HTTP(S) proxy on 127.0.0.1 that refuses everything: set as an agent's HTTPS_PROXY,
+    it keeps the agent off the internet and yields (its URL, the hosts it tried to reach)."""
+    attempts: list[str] = []
+    handler = type("Refuser", (_Refuser,), {"attempts": attempts})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", attempts
+    finally:
+        server.shutdown()
+        server.server_close()

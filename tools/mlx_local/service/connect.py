@@ -1,5 +1,5 @@
-"""mlx-local connect AGENT: the setup of a coding agent (Claude Code, Codex, OpenCode, and the
-agents of the OpenAI chat API such as Qwen Code) that points it at the service.
+"""mlx-local connect AGENT: the setup of a coding agent (Claude Code, Codex, OpenCode, Qwen Code,
+and any agent of the OpenAI chat API) that points it at the service.
 
 One generator for the README's setups and for the tests that run the real agents
 (tests/agents/), so the two cannot drift. A setup is environment variables, a config file
@@ -18,7 +18,7 @@ from ..errors import UserError
 KEY_ENV = "MLX_LOCAL_API_KEY"
 KEY_REF = f"${KEY_ENV}"
 """What a printed setup puts where the key goes: the shell expands it."""
-AGENTS = ("claude", "codex", "opencode", "openai-chat")
+AGENTS = ("claude", "codex", "opencode", "qwen", "openai-chat")
 
 
 @dataclass(frozen=True)
@@ -62,15 +62,21 @@ def setup(agent: str, target: Target, key: str = KEY_REF) -> Setup:
     if agent == "codex":
         return Setup(agent, files={".codex/config.toml": _codex_toml(target)}, command=("codex",))
     if agent == "opencode":
-        path = ".config/opencode/opencode.json"
-        return Setup(agent, files={path: _opencode_json(target)}, command=("opencode",))
-    if agent == "openai-chat":
+        env = {"OPENCODE_DISABLE_MODELS_FETCH": "1"}  # no catalog from models.dev
+        files = {".config/opencode/opencode.json": _opencode_json(target)}
+        return Setup(agent, env=env, files=files, command=("opencode",))
+    if agent in ("qwen", "openai-chat"):
         env = {
             "OPENAI_BASE_URL": f"{target.base_url}/v1",
             "OPENAI_API_KEY": key,
             "OPENAI_MODEL": target.served_id,
         }
-        return Setup(agent, env=env, command=("qwen", "--auth-type", "openai"))
+        if agent == "openai-chat":
+            return Setup(agent, env=env, command=("your agent",))
+        # Qwen Code sends usage statistics to Alibaba Cloud's RUM unless told not to.
+        settings = {"privacy": {"usageStatisticsEnabled": False}}
+        files = {".qwen/settings.json": json.dumps(settings, indent=2) + "\n"}
+        return Setup(agent, env=env, files=files, command=("qwen", "--auth-type", "openai"))
     raise UserError(f"unknown agent {agent!r}; choose one of: {', '.join(AGENTS)}")
 
 
@@ -86,6 +92,9 @@ def _codex_toml(target: Target) -> str:
         f'base_url = "{target.base_url}/v1"\n'
         f'env_key = "{KEY_ENV}"\n'
         'wire_api = "responses"\n'
+        "\n"
+        "[features]\n"
+        "plugins = false  # else it fetches plugins from github.com and chatgpt.com\n"
         "\n"
         "[analytics]\n"
         "enabled = false\n"
