@@ -200,6 +200,11 @@ SERVER_KEYS: dict[str, Key] = {
         _byte_count, "--prompt-cache-dir-bytes", "byte budget of prompt_cache_dir"
     ),
     "chat_template_args": Key(_table, "--chat-template-args", "arguments for the chat template"),
+    "thinking_budget": Key(
+        _int(0),
+        "--thinking-budget",
+        "tokens a response may spend in its reasoning block before the server closes it",
+    ),
     "chat_template": Key(_text(), "--chat-template", "a chat template instead of the model's"),
     "use_default_chat_template": Key(_bool, "--use-default-chat-template", "tokenizer default"),
     "trust_remote_code": Key(_bool, "--trust-remote-code", "trust the tokenizer's remote code"),

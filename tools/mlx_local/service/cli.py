@@ -187,6 +187,7 @@ def _config_check(args: argparse.Namespace) -> int:
         return 0
     help_text = server_help(python)
     problem = command.upstream_option_problem(cmd, help_text)
+    problem = problem or command.patch_option_problem(cmd, help_text, command.queued_options(proj))
     if problem:
         raise UserError(problem)
     missing = command.unsupported_flags(cmd, help_text)
