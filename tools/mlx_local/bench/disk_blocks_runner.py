@@ -1,0 +1,68 @@
+"""A plain script inside the runtime python (never imported by the tools): time loading a
+conversation's prefix from a whole-entry folder and from a block folder.
+
+    python disk_blocks_runner.py WHOLE_DIR BLOCKS_DIR TOKENS LOADS
+
+Whole entries: mlx-lm's load_prompt_cache of the largest file, trimmed to TOKENS (what the
+old tier did). Blocks: the tier's own plan and read of the same tokens (index built once,
+as a server does at start). Both evaluate every array. Prints JSON."""
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models.cache import load_prompt_cache, trim_prompt_cache
+from mlx_lm.prompt_cache_disk import DiskPromptCache
+
+
+def _eval(cache):
+    mx.eval([x for c in cache for _, x in tree_flatten(c.state) if isinstance(x, mx.array)])
+
+
+def main() -> None:
+    whole_dir, blocks_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    tokens_wanted, loads = int(sys.argv[3]), int(sys.argv[4])
+    entry = max(whole_dir.glob("*/*.safetensors"), key=lambda p: p.stat().st_size)
+    _, meta = load_prompt_cache(str(entry), return_metadata=True)
+    tokens = json.loads(meta["tokens"])[: tokens_wanted + 1]
+
+    whole = []
+    for _ in range(loads):
+        start = time.perf_counter()
+        cache = load_prompt_cache(str(entry))
+        trim_prompt_cache(cache, cache[0].offset - tokens_wanted)
+        _eval(cache)
+        whole.append(time.perf_counter() - start)
+
+    (folder,) = [p for p in blocks_dir.iterdir() if (p / "identity.json").is_file()]
+    identity = (folder / "identity.json").read_text().strip()
+    disk = DiskPromptCache(str(blocks_dir), 1 << 50, None)
+    disk._identity = lambda key: (folder.name, identity)  # the server's folder, as it is
+    disk.plan("bench", tokens)  # index once, as a server does at its first request
+    timed, files = [], 0
+    for _ in range(loads):
+        start = time.perf_counter()
+        plan = disk.plan("bench", tokens)
+        cache, n = disk.read(plan)
+        _eval(cache)
+        timed.append(time.perf_counter() - start)
+        files = len(plan.files)
+        assert n == tokens_wanted, (n, tokens_wanted)
+    print(
+        json.dumps(
+            {
+                "tokens": tokens_wanted,
+                "files": files,
+                "whole_seconds": statistics.median(whole),
+                "blocks_seconds": statistics.median(timed),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
