@@ -181,6 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{loads['files']} blocks {loads['blocks_seconds']:.4f} s "
         f"(ratio {figures['load_blocks_over_whole']:.2f})"
     )
+    wide = loads["wide"]
+    print(
+        f"the same, {wide['bytes_per_token'] // 1024} KB a token (synthetic): one file "
+        f"{wide['whole_seconds']:.4f} s, blocks {wide['blocks_seconds']:.4f} s "
+        f"(ratio {wide['blocks_seconds'] / wide['whole_seconds']:.2f})"
+    )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
