@@ -9,6 +9,7 @@ the real /usr/bin/ssh with `-F` and the test's client config (port, key, no know
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.helpers import free_port, run_cli
+from tests.helpers import REPO_ROOT, free_port, run_cli
 
 SSHD = Path("/usr/sbin/sshd")
 REMOTE = "127.0.0.2"  # a loopback address that only sshd answers on: ranks there use ssh
@@ -163,3 +164,49 @@ def processes_with(text: str) -> list[str]:
 def kill(pid: int) -> None:
     """SIGKILL `pid` (one rank: the crash the group must not survive)."""
     os.kill(pid, signal.SIGKILL)
+
+
+def readme_group_table() -> str:
+    """The README's [distributed] example, verbatim: the first ```toml block of its "Across
+    several Macs" section (so the tests fail when the README drifts from what works)."""
+    text = (REPO_ROOT / "README.md").read_text("utf-8")
+    section = text[text.index("### Across several Macs") :]
+    start = section.index("```toml\n") + len("```toml\n")
+    table = section[start : section.index("```", start)]
+    assert table.startswith("[distributed]\nhosts = ["), table
+    return table
+
+
+def readme_group_config(root: Path, env: dict[str, str], edits: dict[str, str], hosts: str) -> str:
+    """What a new user does: `mlx-local config init`, their own values of some keys
+    (`edits`: key -> TOML value, replacing that key's line of the file), then the README's
+    table appended with this box's `hosts` and a free starting port. Returns the file."""
+    created = run_cli(["config", "init"], root, env=env)
+    assert created.returncode == 0, created.stderr
+    path = root / "config.toml"
+    text = path.read_text("utf-8")
+    for key, value in edits.items():
+        text, count = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, count=1, flags=re.M)
+        assert count == 1, f"config init wrote no {key} line"
+    table = readme_group_table()
+    table, count = re.subn(r"^hosts = \[[^]]*\]", f"hosts = {hosts}", table, flags=re.M)
+    assert count == 1, table
+    port = f"starting_port = {free_port_block()}"
+    table, count = re.subn(r"^# starting_port = \d+", port, table, flags=re.M)
+    assert count == 1, table
+    path.write_text(text + table, "utf-8")
+    return path.read_text("utf-8")
+
+
+def upstream_checkout(root: Path) -> None:
+    """mlx-lm-repo/mlx_lm/server.py of the pinned upstream release itself (no patches): a
+    server that does not keep the disk prompt cache per rank."""
+    pin = (REPO_ROOT / "patches" / "upstream.toml").read_text().split('pin = "')[1].split('"')[0]
+    source = subprocess.run(
+        ["git", "-C", str(REPO_ROOT / "mlx-lm-repo"), "show", f"{pin}:mlx_lm/server.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    (root / "mlx-lm-repo" / "mlx_lm").mkdir(parents=True)
+    (root / "mlx-lm-repo" / "mlx_lm" / "server.py").write_text(source)

@@ -31,6 +31,7 @@ from tests.service.distributed_helpers import (
     processes_with,
     running_sshd,
     sshd_missing,
+    upstream_checkout,
 )
 
 KEY = "group-key-1"
@@ -180,19 +181,26 @@ def parent_command(pid: int) -> str:
     return parent.stdout
 
 
-def test_disk_prompt_cache_is_refused_in_a_group(tmp_path: Path, demo_model: Path) -> None:
+def test_an_older_server_keeps_the_default_off_and_refuses_a_folder(
+    tmp_path: Path, demo_model: Path
+) -> None:
+    """A checkout whose server does not keep the disk prompt cache per rank (the pinned
+    upstream's server.py): the default tier is off in a group, an explicit folder one line."""
     proj = make_group_project(tmp_path, REPO_ROOT, VENV_BIN / "python", None)
+    (proj.root / "mlx-lm-repo").unlink()
+    upstream_checkout(proj.root)
     proj.write_config(demo_model, 'hosts = ["127.0.0.1", "127.0.0.1"]')
     checked = proj.cli("config", "check", "--no-probe")
     assert checked.returncode == 0, checked.stderr
-    assert "--prompt-cache-dir" not in checked.stdout  # the default is off under a group
+    assert "--prompt-cache-dir" not in checked.stdout
+    assert "note: the disk prompt cache is off" in checked.stdout
     proj.write_config(
         demo_model, 'hosts = ["127.0.0.1", "127.0.0.1"]', 'prompt_cache_dir = ".cache/pc"'
     )
     refused = proj.cli("start")
     assert refused.returncode != 0
-    assert "prompt_cache_dir is set but [distributed] is on" in refused.stderr
-    assert "allowed: prompt_cache_dir = false" in refused.stderr
+    assert refused.stderr.startswith("error: prompt_cache_dir is set but [distributed] is on")
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert processes_with(f"--port {proj.port} ") == []
 
 
