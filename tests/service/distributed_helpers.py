@@ -198,15 +198,41 @@ def readme_group_config(root: Path, env: dict[str, str], edits: dict[str, str], 
     return path.read_text("utf-8")
 
 
-def upstream_checkout(root: Path) -> None:
-    """mlx-lm-repo/mlx_lm/server.py of the pinned upstream release itself (no patches): a
-    server that does not keep the disk prompt cache per rank."""
+def upstream_checkout(root: Path, upstream_repo: Path) -> None:
+    """root/mlx-lm-repo/mlx_lm/server.py of the pinned upstream release itself (from the
+    stand-in upstream, no patches): a server that does not keep the disk prompt cache per
+    rank."""
     pin = (REPO_ROOT / "patches" / "upstream.toml").read_text().split('pin = "')[1].split('"')[0]
     source = subprocess.run(
-        ["git", "-C", str(REPO_ROOT / "mlx-lm-repo"), "show", f"{pin}:mlx_lm/server.py"],
+        ["git", "-C", str(upstream_repo), "show", f"{pin}:mlx_lm/server.py"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    (root / "mlx-lm-repo" / "mlx_lm").mkdir(parents=True)
-    (root / "mlx-lm-repo" / "mlx_lm" / "server.py").write_text(source)
+    checkout = root / "mlx-lm-repo"
+    if checkout.is_symlink():
+        checkout.unlink()
+    (checkout / "mlx_lm").mkdir(parents=True)
+    (checkout / "mlx_lm" / "server.py").write_text(source)
+
+
+# What each rank of a group logs about its disk tier (patch 0005): "... on rank R of N".
+SAVED = re.compile(r"Prompt cache disk: saved (\d+) tokens .* on rank (\d+) of (\d+)$", re.M)
+LOADED = re.compile(r"Prompt cache disk: loaded (\d+) tokens .* on rank (\d+) of (\d+)\)$", re.M)
+
+
+def disk_log(root: Path, pattern: re.Pattern[str]) -> list[tuple[int, int, int]]:
+    """(tokens, rank, size) of each SAVED or LOADED line of the project's server log."""
+    log = root / "logs" / "server.log"
+    text = log.read_text("utf-8") if log.is_file() else ""
+    return [tuple(int(g) for g in match) for match in pattern.findall(text)]
+
+
+def wait_for(condition, timeout: float = 60) -> bool:
+    """Poll `condition` until it is true or `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()

@@ -13,7 +13,7 @@ from mlx_local.errors import UserError
 from mlx_local.project import Project
 from mlx_local.service import cluster, group_disk
 from mlx_local.service.command import build_command
-from tests.helpers import REPO_ROOT, run_cli
+from tests.helpers import run_cli
 from tests.service.distributed_helpers import (
     readme_group_config,
     readme_group_table,
@@ -139,7 +139,9 @@ def launch_of(proj: Project, loaded: config.Config) -> list[str]:
     ).argv
 
 
-def test_config_init_then_the_readme_table(tmp_path: Path) -> None:
+def test_config_init_then_the_readme_table(
+    tmp_path: Path, patched_runtime, stand_in_upstream: Path
+) -> None:
     """The README's next step after `config init` never fails: the disk prompt cache left at
     its default (config init writes the default folder and budget out) is no problem."""
     root = tmp_path / "proj"
@@ -152,9 +154,11 @@ def test_config_init_then_the_readme_table(tmp_path: Path) -> None:
     loaded = config.load(proj)
     assert loaded.distributed.hosts == ("127.0.0.1", "10.0.0.2")
     assert "prompt_cache_dir" not in loaded.explicit  # the default, written out
-    # a server that keeps the tier per rank: every rank its own project's folder, same budget
-    (root / "mlx-lm-repo").symlink_to(REPO_ROOT / "mlx-lm-repo")
+    # the patched server (patch 0005 keeps the tier per rank): every rank its own project's
+    # folder, the same budget (each rank's)
+    (root / "mlx-lm-repo").symlink_to(patched_runtime.root / "mlx-lm-repo")
     if group_disk.server_keeps_ranks(proj):
+        assert group_disk.settle(loaded, proj) == loaded
         argv = launch_of(proj, loaded)
         at = argv.index("--prompt-cache-dir")
         assert argv[at : at + 4] == [
@@ -164,8 +168,7 @@ def test_config_init_then_the_readme_table(tmp_path: Path) -> None:
             "10G",
         ]
     # a server without it: the default tier is off (a note), never a refusal
-    (root / "mlx-lm-repo").unlink()
-    upstream_checkout(root)
+    upstream_checkout(root, stand_in_upstream)
     settled = group_disk.settle(loaded, proj)
     assert "prompt_cache_dir" not in settled.options
     assert "prompt_cache_dir_bytes" not in settled.options
@@ -173,13 +176,15 @@ def test_config_init_then_the_readme_table(tmp_path: Path) -> None:
     assert "--prompt-cache-dir" not in launch_of(proj, loaded)
 
 
-def test_an_explicit_disk_folder_needs_a_server_that_keeps_ranks(tmp_path: Path) -> None:
+def test_an_explicit_disk_folder_needs_a_server_that_keeps_ranks(
+    tmp_path: Path, stand_in_upstream: Path
+) -> None:
     proj = project_with(
         tmp_path, 'prompt_cache_dir = "/var/tmp/pc"\n[distributed]\nhosts = ["a", "b"]\n'
     )
     loaded = config.load(proj)
     assert "prompt_cache_dir" in loaded.explicit
-    upstream_checkout(proj.root)
+    upstream_checkout(proj.root, stand_in_upstream)
     with pytest.raises(UserError) as refused:
         group_disk.settle(loaded, proj)
     message = str(refused.value)
@@ -188,13 +193,13 @@ def test_an_explicit_disk_folder_needs_a_server_that_keeps_ranks(tmp_path: Path)
     assert "run setup-repo" in message and "prompt_cache_dir = false" in message
 
 
-def test_a_disk_budget_alone_never_blocks_a_group(tmp_path: Path) -> None:
+def test_a_disk_budget_alone_never_blocks_a_group(tmp_path: Path, stand_in_upstream: Path) -> None:
     for text in (
         'prompt_cache_dir = false\nprompt_cache_dir_bytes = "1G"\n',
         'prompt_cache_dir_bytes = "1G"\n',
     ):
         proj = project_with(tmp_path / str(len(text)), text + '[distributed]\nhosts = ["a", "b"]\n')
-        upstream_checkout(proj.root)
+        upstream_checkout(proj.root, stand_in_upstream)
         settled = group_disk.settle(config.load(proj), proj)
         assert "prompt_cache_dir_bytes" not in settled.options
         assert settled.notes  # why it has no effect

@@ -10,7 +10,6 @@ server keeps the disk prompt cache per rank, a restart that is warm on every ran
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,9 +19,11 @@ import pytest
 from mlx_local.project import Project
 from mlx_local.service import group_disk
 from tests.service.distributed_helpers import (
+    LOADED,
     REMOTE,
     GroupProject,
     Sshd,
+    disk_log,
     make_group_project,
     processes_with,
     readme_group_config,
@@ -35,7 +36,6 @@ HOSTS = f'["127.0.0.1", "{REMOTE}"]'
 # A long first prompt (more than one 256-token block of the disk tier, and a tail): what the
 # disk tier saves after a restart is its prefill.
 FIRST = "one two three four five six seven eight nine ten " * 40
-LOADED = re.compile(r"Prompt cache disk: loaded (\d+) tokens from ")
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +136,9 @@ def test_a_restarted_group_is_warm_on_every_rank(group: GroupProject) -> None:
     cached = warm.usage.prompt_tokens_details.cached_tokens
     assert cached >= cold.usage.prompt_tokens - 8, (cached, cold.usage.prompt_tokens)
     # every rank loaded its own shard of the same prefix (their log lines, through mlx.launch)
-    loads = LOADED.findall((group.root / "logs" / "server.log").read_text("utf-8"))
-    assert len(loads) == 2 and int(loads[0]) == int(loads[1]) >= cached, loads
+    loads = disk_log(group.root, LOADED)
+    assert sorted(rank for _, rank, _ in loads) == [0, 1], loads
+    assert len({tokens for tokens, _, _ in loads}) == 1 and loads[0][0] >= cached, loads
     nxt = chat(group, follow)
     assert nxt.usage.prompt_tokens_details.cached_tokens >= cached
     stopped(group)
