@@ -138,6 +138,7 @@ def test_memory_falls_to_a_server_that_loaded_nothing(patched_runtime, wide_mode
         text = log.read_text()
         assert "Idle: unloaded the model after" in text
         assert "Idle: loaded the model again" not in text
+    assert process.returncode == 0  # SIGTERM while unloaded: a clean stop
 
 
 def test_next_turn_after_an_unload_comes_from_disk_with_the_same_answer(
