@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import threading
 import time
 import urllib.request
@@ -16,7 +17,7 @@ import pytest
 
 from mlx_local.models.demo_model import build_demo_model
 from mlx_local.models.demo_variant import build_variant
-from mlx_local.processes import process_info
+from mlx_local.processes import free_port, process_info
 from mlx_local.service import loadtest
 from mlx_local.service.metrics import parse
 from tests.helpers import make_service_project, server_process
@@ -268,3 +269,21 @@ def test_status_says_idle_and_for_how_long(patched_runtime, demo_model, tmp_path
     assert shown["metrics"]["idle_unloads"] == 1
     assert "running, idle (model unloaded) for 0:00:0" in panel
     assert "after 2 s without a request; 1 unloads, 0 reloads" in panel
+
+
+def test_a_distributed_group_refuses_it_with_one_line(patched_runtime, demo_model):
+    launch = patched_runtime.python.parent / "mlx.launch"
+    result = subprocess.run(
+        [str(launch), "--backend", "ring", "--hosts", "127.0.0.1,127.0.0.1", "--"]
+        + [str(patched_runtime.python), "-m", "mlx_lm.server", "--model", str(demo_model)]
+        + ["--idle-unload", IDLE, "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    refusals = [line for line in output.splitlines() if "--idle-unload" in line]
+    assert len(refusals) == 2, output  # one line from each rank
+    assert all("not supported in a distributed group" in line for line in refusals)
+    assert "exited with code 2" in output
+    assert "Starting httpd" not in output
