@@ -202,7 +202,7 @@ def test_a_burst_at_the_moment_of_unload_is_served_after_one_load(
 
 def test_a_model_gone_while_idle_fails_the_waiting_requests_and_exits_1(patched_runtime, tmp_path):
     model = build_demo_model(tmp_path / "doomed")
-    args = ["--model", str(model), "--idle-unload", IDLE]
+    args = ["--model", str(model), "--idle-unload", IDLE, "--served-model-name", "mlx-local"]
     paths = {
         "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}]},
         "/v1/completions": {"prompt": "hi"},
@@ -214,7 +214,7 @@ def test_a_model_gone_while_idle_fails_the_waiting_requests_and_exits_1(patched_
     def post(path: str, body: dict) -> None:
         request = urllib.request.Request(
             f"{url}{path}",
-            json.dumps({"max_tokens": 4, **body}).encode(),
+            json.dumps({"model": "mlx-local", "max_tokens": 4, **body}).encode(),
             {"Content-Type": "application/json"},
         )
         try:
@@ -237,9 +237,13 @@ def test_a_model_gone_while_idle_fails_the_waiting_requests_and_exits_1(patched_
         status = process.wait(timeout=60)
 
     assert status == 1
+    assert set(answers) == set(paths)
     for path, (code, body) in answers.items():
         assert code is not None and code >= 400, (path, code, body)
         assert json.loads(body)["error"], (path, body)
+    # Chat and text completions name the cause (the other APIs: "the generation thread died").
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        assert b"could not be loaded again" in answers[path][1], answers[path]
     text = log.read_text()
     assert "the model could not be loaded again after an idle unload" in text
     assert "exiting (status 1)" in text
