@@ -370,8 +370,8 @@ def status(project: Project, config: Config) -> Status:
         metrics_detail=why,
         activity=summary.activity if summary else None,
         activity_seconds=(
-            int(summary.model_state_seconds)
-            if summary and summary.activity and summary.model_state_seconds is not None
+            max(int(time.time() - summary.model_state_since), 0)
+            if summary and summary.activity and summary.model_state_since is not None
             else None
         ),
         ranks=[

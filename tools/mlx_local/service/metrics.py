@@ -45,7 +45,7 @@ class Summary:
     memory_cache_bytes: int
     # --idle-unload (patch 0015): loading, loaded, unloading or unloaded; None without it
     model_state: str | None = None
-    model_state_seconds: float | None = None  # how long the model has been in that state
+    model_state_since: float | None = None  # when that state began (Unix time)
     idle_unload_seconds: float = 0.0  # the setting; 0: off
     idle_unloads: int = 0
     idle_reloads: int = 0
@@ -132,7 +132,7 @@ def summarize(samples: Samples) -> Summary:
         memory_peak_bytes=n("memory_peak_bytes"),
         memory_cache_bytes=n("memory_cache_bytes"),
         model_state=states[0] if states else None,
-        model_state_seconds=_get(samples, "model_state_seconds") if states else None,
+        model_state_since=_get(samples, "model_state_start_time_seconds") if states else None,
         idle_unload_seconds=_get(samples, "idle_unload_seconds"),
         idle_unloads=n("idle_unloads_total"),
         idle_reloads=reloads,
