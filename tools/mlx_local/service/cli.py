@@ -329,6 +329,9 @@ def _status(args: argparse.Namespace) -> int:
     table.add_column()
     style = STATE_STYLE.get(state.state, "")
     shown = f"{state.state} ({state.last_exit})" if state.last_exit else state.state
+    if state.activity:
+        seconds = state.activity_seconds
+        shown += f", {state.activity}" + (f" for {_duration(seconds)}" if seconds else "")
     rows = [
         ("state", f"[{style}]{shown}[/]" if style else shown),
         ("managed by", state.manager),
