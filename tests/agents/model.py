@@ -26,16 +26,16 @@ from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer
 
 WORD = "Hello"
-GENERATION_PROMPT_END = "\n"
-"""The last token of every generation prompt of the demo template (`<|im_start|>assistant\\n`,
-`</think>\\n\\n`)."""
+GENERATION_PROMPT_ENDS = ("<|im_start|>assistant\n", "</think>\n\n")
+"""How the demo template's generation prompts end (thinking on, thinking off): WORD follows
+their last tokens (a newline in the demo tokenizer)."""
 CONTEXT = 65536
 """Room for the longest agent prompt (Qwen Code: about 17,400 tokens of this tokenizer)."""
 SHAPE = {"num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 16}
 """One small layer: the prefill still runs every token through attention and the KV cache,
 at a fraction of the demo model's cost (a 17,000-token prompt on a shared 2-core box)."""
 END_SCORE = 0.5
-"""The end token's score, as a share of WORD's score after a newline (other tokens score
+"""The end token's score, as a share of WORD's score where an answer starts (other tokens score
 about 1/sqrt(hidden) of it, so the end token wins after any other token)."""
 
 
@@ -52,7 +52,9 @@ def one_word_model(demo: Path, dest: Path, context: int = CONTEXT) -> Path:
     config = json.loads((dest / "config.json").read_text())
     tokenizer = Tokenizer.from_file(str(dest / "tokenizer.json"))
     word = single_token(tokenizer, WORD)
-    newline = single_token(tokenizer, GENERATION_PROMPT_END)
+    starts = sorted(
+        {tokenizer.encode(t, add_special_tokens=False).ids[-1] for t in GENERATION_PROMPT_ENDS}
+    )
     eos = config["eos_token_id"]
     end = eos[0] if isinstance(eos, list) else eos
 
@@ -67,9 +69,10 @@ def one_word_model(demo: Path, dest: Path, context: int = CONTEXT) -> Path:
     weights["model.norm.weight"][:] = 1
     normed = embed / np.sqrt(np.mean(embed**2, axis=1, keepdims=True))
     head = np.zeros_like(embed)
-    head[word] = normed[newline]
+    head[word] = normed[starts].sum(axis=0)
     head[word, 0] = 0
-    head[end, 0] = END_SCORE * float(normed[newline] @ head[word]) / float(normed[newline, 0])
+    after_start = min(float(normed[t] @ head[word]) for t in starts)
+    head[end, 0] = END_SCORE * after_start / float(np.median(normed[:, 0]))
     weights["lm_head.weight"] = head
     save_file(weights, str(weights_file), metadata={"format": "pt"})
 
