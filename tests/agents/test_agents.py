@@ -69,6 +69,7 @@ class Service:
     log: Path
     outside_proxy: str
     outside: list[str]
+    context: int
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,8 @@ def service(
         )
         proxy, recorder = stack.enter_context(recording_proxy(url))
         refuser, outside = stack.enter_context(refusing_proxy())
-        yield Service(proxy, recorder, log, refuser, outside)
+        context = json.loads((model / "config.json").read_text())["max_position_embeddings"]
+        yield Service(proxy, recorder, log, refuser, outside, context)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -117,7 +119,8 @@ def prompt_tokens(exchange: Exchange) -> tuple[int, int]:
 def agent_env(agent: Agent, service: Service, home: Path, bin_dir: Path) -> dict[str, str]:
     """The agent's tested setup (files under `home`, its environment), and a home folder of
     its own and a proxy that refuses all but 127.0.0.1 (no other isolation)."""
-    target = connect.Target("127.0.0.1", int(service.url.rsplit(":", 1)[1]), SERVED)
+    port = int(service.url.rsplit(":", 1)[1])
+    target = connect.Target("127.0.0.1", port, SERVED, service.context)
     setup = connect.setup(agent.setup, target, key=KEY)
     if setup.files:
         connect.write_files(setup, home)
@@ -143,6 +146,7 @@ def run_session(agent: Agent, env: dict[str, str], project: Path, bin_dir: Path)
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{agent.name} exited {result.returncode}:\n{output[-3000:]}"
+    assert "assumes a context window" not in output  # Claude Code: it got the model's context
     return result.stdout
 
 

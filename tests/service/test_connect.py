@@ -62,3 +62,14 @@ def test_connect_write_writes_the_file_once_and_never_over_another(
 
     result = run_cli(["connect", "claude", "--write"], project, env=env)
     assert result.returncode == 1 and "environment variables" in result.stderr
+
+
+def test_claude_gets_the_context_of_a_local_model(tmp_path: Path, demo_model: Path) -> None:
+    """Else Claude Code assumes 1M tokens for a model it does not know, and compacts late."""
+    root = tmp_path / "local"
+    root.mkdir()
+    (root / "config.toml").write_text(f'model = "{demo_model}"\n')
+    result = run_cli(["connect", "claude"], root)
+    assert result.returncode == 0, result.stderr
+    context = json.loads((demo_model / "config.json").read_text())["max_position_embeddings"]
+    assert f'export CLAUDE_CODE_MAX_CONTEXT_TOKENS="{context}"' in result.stdout.splitlines()

@@ -10,7 +10,9 @@ from rich.console import Console
 
 from .. import config as config_mod
 from .. import project
-from . import connect
+from ..errors import UserError
+from ..plan.model_shape import read_shape
+from . import command, connect
 
 err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 
@@ -30,8 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _connect(args: argparse.Namespace) -> int:
-    cfg = config_mod.load(project.current())
-    target = connect.Target(cfg.host, cfg.port, cfg.served_model_name)
+    proj = project.current()
+    cfg = config_mod.load(proj)
+    target = connect.Target(cfg.host, cfg.port, cfg.served_model_name, _context(cfg, proj))
     setup = connect.setup(args.agent, target)
     if args.write:
         for path in connect.write_files(setup, Path.home()):
@@ -40,3 +43,12 @@ def _connect(args: argparse.Namespace) -> int:
         return 0
     print(connect.render(setup), end="")
     return 0
+
+
+def _context(cfg: config_mod.Config, proj: project.Project) -> int | None:
+    """The configured model's context, if it is a local folder that says (else None)."""
+    try:
+        model = command.resolve_model(cfg.model, proj)
+        return read_shape(model.path).max_context if model.path else None
+    except (UserError, OSError, ValueError, KeyError):
+        return None

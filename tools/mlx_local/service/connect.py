@@ -28,6 +28,8 @@ class Target:
     host: str = "127.0.0.1"
     port: int = 8000
     served_id: str = "mlx-local"
+    context: int | None = None
+    """The model's context, when known (a local model folder's config.json)."""
 
     @property
     def base_url(self) -> str:
@@ -58,6 +60,8 @@ def setup(agent: str, target: Target, key: str = KEY_REF) -> Setup:
             "ANTHROPIC_DEFAULT_HAIKU_MODEL": target.served_id,
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
         }
+        if target.context:  # else it assumes 1M tokens for a model it does not know
+            env["CLAUDE_CODE_MAX_CONTEXT_TOKENS"] = str(target.context)
         return Setup(agent, env=env, command=("claude",))
     if agent == "codex":
         return Setup(agent, files={".codex/config.toml": _codex_toml(target)}, command=("codex",))
