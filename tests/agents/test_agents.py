@@ -62,6 +62,33 @@ AGENTS = [
 NUMBERS: dict[str, dict] = {}
 
 
+def _claude_sends(exchange: Exchange) -> bool:
+    """`?beta=true` on the path, the Anthropic key header, and the billing-header system block
+    that changes between sessions (the server leaves it out of the prompt)."""
+    system = exchange.body["system"]
+    return (
+        exchange.path.endswith("?beta=true")
+        and exchange.headers.get("x-api-key") == KEY
+        and system[0]["text"].startswith("x-anthropic-billing-header:")
+    )
+
+
+def _codex_sends(exchange: Exchange) -> bool:
+    """Stateless Responses (`store` false: the history comes back as items) with the reasoning
+    carried in `encrypted_content`, and no output limit."""
+    body = exchange.body
+    return (
+        body["store"] is False
+        and "reasoning.encrypted_content" in body["include"]
+        and "max_output_tokens" not in body
+        and exchange.headers.get("authorization") == f"Bearer {KEY}"
+    )
+
+
+RELIED_ON = {"Claude Code": _claude_sends, "Codex": _codex_sends}
+"""What the server's Messages and Responses code was built around, per agent (pinned)."""
+
+
 @dataclass(frozen=True)
 class Service:
     url: str
@@ -190,6 +217,9 @@ def test_agent_completes_turns_and_reuses_the_prompt_cache(
         assert {e.path.split("?")[0] for e in exchanges} == {agent.path}
     first = main_request(sessions[0][1])
     second = main_request(sessions[1][1])
+    relied_on = RELIED_ON.get(agent.name)
+    if relied_on:
+        assert relied_on(first), f"{agent.name} no longer sends what the server relies on"
     first_prompt, _ = prompt_tokens(first)
     second_prompt, second_cached = prompt_tokens(second)
     NUMBERS[agent.name] = {
