@@ -167,10 +167,9 @@ def kill(pid: int) -> None:
 
 
 def readme_group_table() -> str:
-    """The README's [distributed] example, verbatim: the first ```toml block of its "Across
-    several Macs" section (so the tests fail when the README drifts from what works)."""
-    text = (REPO_ROOT / "README.md").read_text("utf-8")
-    section = text[text.index("### Across several Macs") :]
+    """The manual's [distributed] example, verbatim: the first ```toml block of
+    docs/distributed.md (so the tests fail when the docs drift from what works)."""
+    section = (REPO_ROOT / "docs" / "distributed.md").read_text("utf-8")
     start = section.index("```toml\n") + len("```toml\n")
     table = section[start : section.index("```", start)]
     assert table.startswith("[distributed]\nhosts = ["), table

@@ -1,7 +1,7 @@
-"""The README's group steps, verbatim, from a fresh `mlx-local config init` (issue 21).
+"""The manual's group steps, verbatim, from a fresh `mlx-local config init` (issue 21).
 
-`config init`, the user's own model and port, the README's [distributed] table appended as it
-is (read from README.md: README drift fails here) with this box's hosts: rank 0 on 127.0.0.1,
+`config init`, the user's own model and port, the [distributed] table of docs/distributed.md
+appended as it is (docs drift fails here) with this box's hosts: rank 0 on 127.0.0.1,
 rank 1 on 127.0.0.2 over ssh through the real sshd of the distributed tests. Then
 `cluster check`, `start`, a turn with the `openai` client, `status`, `stop`; and, when the
 server keeps the disk prompt cache per rank, a restart that is warm on every rank.

@@ -28,6 +28,7 @@ prompt_cache_size = 1
 prompt_cache_bytes = "8M"
 prompt_cache_dir = "pc"
 prompt_cache_dir_bytes = "512M"
+idle_unload = "30m"
 kv_bits = 4
 kv_group_size = 32
 quantized_kv_start = 128
@@ -45,6 +46,7 @@ decode_concurrency = 4
 prompt_concurrency = 2
 log_level = "DEBUG"
 api_key = "s3cret"
+thinking_budget = 64
 
 [chat_template_args]
 enable_thinking = false
@@ -62,6 +64,7 @@ EXPECTED = [
     ("--prompt-cache-bytes", "8388608"),
     ("--prompt-cache-dir", "{root}/pc"),
     ("--prompt-cache-dir-bytes", "512M"),
+    ("--idle-unload", "1800"),
     ("--kv-bits", "4"),
     ("--kv-group-size", "32"),
     ("--quantized-kv-start", "128"),
@@ -77,6 +80,7 @@ EXPECTED = [
     ("--prompt-concurrency", "2"),
     ("--log-level", "DEBUG"),
     ("--chat-template-args", '{"enable_thinking":false}'),
+    ("--thinking-budget", "64"),
 ]
 
 

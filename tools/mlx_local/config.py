@@ -108,6 +108,29 @@ def parse_bytes(value: int | str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def _duration_or_off(value: Any) -> str | None:
+    if value is False or (_is_number(value) and value > 0):
+        return None
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if match and float(match.group(1)) > 0:
+        return None
+    return 'a duration like "90s", "30m" or "2h" (or seconds), or false to turn it off'
+
+
+def parse_duration(value: int | float | str) -> float:
+    """Seconds from a checked duration: a number of seconds, or "90s", "30m", "2h"."""
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.match(value)
+    if match is None:
+        raise ValueError(f"not a duration: {value!r}")
+    return float(match.group(1)) * _SECONDS[match.group(2)]
+
+
 def _folder_or_off(value: Any) -> str | None:
     if value is False or (isinstance(value, str) and value.strip()):
         return None
@@ -199,7 +222,17 @@ SERVER_KEYS: dict[str, Key] = {
     "prompt_cache_dir_bytes": Key(
         _byte_count, "--prompt-cache-dir-bytes", "byte budget of prompt_cache_dir"
     ),
+    "idle_unload": Key(
+        _duration_or_off,
+        "--idle-unload",
+        "give the model's memory back after this long without a request; false = never",
+    ),
     "chat_template_args": Key(_table, "--chat-template-args", "arguments for the chat template"),
+    "thinking_budget": Key(
+        _int(0),
+        "--thinking-budget",
+        "tokens a response may spend in its reasoning block before the server closes it",
+    ),
     "chat_template": Key(_text(), "--chat-template", "a chat template instead of the model's"),
     "use_default_chat_template": Key(_bool, "--use-default-chat-template", "tokenizer default"),
     "trust_remote_code": Key(_bool, "--trust-remote-code", "trust the tokenizer's remote code"),
@@ -332,6 +365,12 @@ def validate(data: dict[str, Any], root: Path | None = None) -> list[str]:
         )
     if "kv_group_size" in data and "kv_bits" not in data:
         problems.append("kv_group_size is set without kv_bits; allowed: set kv_bits as well")
+    if "distributed" in data and data.get("idle_unload", False) is not False:
+        problems.append(
+            "idle_unload is set but [distributed] is on: a group does not unload its model "
+            "(every rank would have to unload and load again together); allowed: "
+            "idle_unload = false"
+        )
     if "distributed" in data:
         problems += config_distributed.validate(data["distributed"], root or Path.cwd())
         problems += config_distributed.server_problems(data)
@@ -389,6 +428,11 @@ def load(project: Project, path: Path | None = None) -> Config:
         options.pop("prompt_cache_dir_bytes", None)
     if "prompt_cache_bytes" in options:  # upstream's parser knows neither K nor T nor 1024s
         options["prompt_cache_bytes"] = parse_bytes(options["prompt_cache_bytes"])
+    if options.get("idle_unload", False) is False:
+        options.pop("idle_unload", None)
+    else:  # the server takes seconds
+        seconds = parse_duration(options["idle_unload"])
+        options["idle_unload"] = int(seconds) if seconds.is_integer() else seconds
     for key in PATH_KEYS:
         if isinstance(options.get(key), str):
             value = Path(os.path.expanduser(options[key]))

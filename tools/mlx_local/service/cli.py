@@ -191,6 +191,7 @@ def _config_check(args: argparse.Namespace) -> int:
         return 0
     help_text = server_help(python)
     problem = command.upstream_option_problem(cmd, help_text)
+    problem = problem or command.patch_option_problem(cmd, help_text, command.queued_options(proj))
     if problem:
         raise UserError(problem)
     missing = command.unsupported_flags(cmd, help_text)
@@ -328,6 +329,9 @@ def _status(args: argparse.Namespace) -> int:
     table.add_column()
     style = STATE_STYLE.get(state.state, "")
     shown = f"{state.state} ({state.last_exit})" if state.last_exit else state.state
+    if state.activity:
+        seconds = state.activity_seconds
+        shown += f", {state.activity}" + (f" for {_duration(seconds)}" if seconds else "")
     rows = [
         ("state", f"[{style}]{shown}[/]" if style else shown),
         ("managed by", state.manager),

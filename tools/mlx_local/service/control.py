@@ -290,6 +290,8 @@ class Status:
     last_exit: str | None = None  # how the last run ended (a service): "exited 0", ...
     metrics: metrics_mod.Summary | None = None  # from GET /metrics when the server answers
     metrics_detail: str = ""  # why there are no metrics
+    activity: str | None = None  # "idle (model unloaded)" and the like (--idle-unload)
+    activity_seconds: int | None = None  # for how long
     ranks: list[dict] = field(default_factory=list)  # a [distributed] group: each rank
 
 
@@ -366,6 +368,12 @@ def status(project: Project, config: Config) -> Status:
         last_exit=last_exit,
         metrics=summary,
         metrics_detail=why,
+        activity=summary.activity if summary else None,
+        activity_seconds=(
+            max(int(time.time() - summary.model_state_since), 0)
+            if summary and summary.activity and summary.model_state_since is not None
+            else None
+        ),
         ranks=_ranks(project, config) if config.distributed is not None else [],
     )
 

@@ -20,7 +20,15 @@ from ..plan import guard
 from ..plan.estimate import Verdict
 from ..project import Project
 from . import cluster, exposure, group_disk, kv_check, logs, process
-from .command import Model, ServerCommand, build_command, resolve_model, upstream_option_problem
+from .command import (
+    Model,
+    ServerCommand,
+    build_command,
+    patch_option_problem,
+    queued_options,
+    resolve_model,
+    upstream_option_problem,
+)
 
 HUB_TIMEOUT = 5.0
 
@@ -111,9 +119,9 @@ def plan(
     warnings += kv_check.check(config, python, model, reading)
     command = build_command(config, project, python, model)
     source = project.checkout_dir / "mlx_lm" / "server.py"
-    problem = upstream_option_problem(
-        command, source.read_text("utf-8") if source.is_file() else ""
-    )
+    known = source.read_text("utf-8") if source.is_file() else ""
+    problem = upstream_option_problem(command, known)
+    problem = problem or patch_option_problem(command, known, queued_options(project))
     if problem:
         raise UserError(problem)
     verdict = guard.config_verdict(config, model, reading)
