@@ -250,3 +250,52 @@ def test_layers_not_per_token_are_kept_at_the_chain_end(patched_runtime, tmp_pat
     assert out["extends"] == ["disk", 600, 3]
     assert out["kv_offset"] == 600 and out["same_kv"] and out["same_end_state"]
     assert out["inside"] == [None, 0]
+
+
+QUANTIZED_SCRIPT = textwrap.dedent(
+    """
+    import argparse, sys
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache, LRUPromptCache
+    from mlx_lm.prompt_cache_disk import TieredPromptCache
+
+    args = argparse.Namespace(
+        prompt_cache_dir=sys.argv[1], prompt_cache_dir_bytes=1 << 30, model="q",
+        adapter_path=None, draft_model=None, kv_bits=4, kv_group_size=32,
+        quantized_kv_start=300,
+    )
+    key, tokens = ("q", None, None), list(range(700))
+    k = mx.random.normal((1, 2, 700, 32), key=mx.random.key(5))
+    tier = TieredPromptCache(LRUPromptCache(2), args)
+    c = KVCache()
+    c.update_and_fetch(k[..., :280, :], -k[..., :280, :])
+    tier.insert_cache(key, tokens[:280], [c])  # a float block and tail
+    tier.flush()
+    q = c.to_quantized(group_size=32, bits=4)  # the conversation crossed the start
+    q.update_and_fetch(k[..., 280:, :], -k[..., 280:, :])
+    tier.insert_cache(key, tokens, [q])  # quantized blocks after the float one
+    tier.close()
+    again = TieredPromptCache(LRUPromptCache(2), args)
+    got, rest = again.fetch_nearest_cache(key, tokens + [1])
+    ref = KVCache()
+    ref.update_and_fetch(k, -k)
+    ref = ref.to_quantized(group_size=32, bits=4)
+    same = all(mx.array_equal(a[..., :700, :], b[..., :700, :]).item()
+               for a, b in zip(got[0].keys + got[0].values, ref.keys + ref.values))
+    print(type(got[0]).__name__, got[0].offset, len(rest), same)
+    again.close()
+    """
+)
+
+
+def test_a_chain_that_crossed_quantized_kv_start_loads_quantized(patched_runtime, tmp_path):
+    """Blocks written before --quantized-kv-start are float, after it quantized: the chain
+    loads as one QuantizedKVCache, the same as mlx-lm quantizing the whole cache."""
+    result = subprocess.run(
+        [str(patched_runtime.python), "-c", QUANTIZED_SCRIPT, str(tmp_path / "pc")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["QuantizedKVCache", "700", "1", "True"]
