@@ -81,6 +81,19 @@ LONG_THOUGHT = (
     "so the answer is twenty-four legs."
 )
 LONG_THOUGHT_ANSWER = "Three spiders have 24 legs."
+LONG_THOUGHT_BUDGET = 16
+"""The thinking budget (tokens) the tests cut LONG_THOUGHT at; the model is trained to give
+LONG_THOUGHT_ANSWER after `</think>` closes the thought at any point, this one included."""
+
+CONVERSATION = (GREETING_PROMPTS[1], COUNT_PROMPT, "Thank you!")
+"""A multi-turn conversation: each user turn in order, answered GREETING, COUNT, FALLBACK."""
+
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "You are a coding agent. Read the files you change and answer briefly.",
+    "You are Codex, based on GPT-5. You are running as a coding agent in the user's terminal.",
+)
+"""System prompts the script is trained with (the answers do not depend on them)."""
 
 
 @dataclass(frozen=True)
