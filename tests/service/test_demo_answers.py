@@ -30,12 +30,11 @@ def client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)
 
 
-def chat(c: openai.OpenAI, messages: list[dict], **kwargs):
-    """One greedy chat completion; its first choice."""
+def chat(c: openai.OpenAI, messages: list[dict], model: str = "default_model", **kwargs):
+    """One greedy chat completion; its first choice (`model`: "mlx-local" where the server
+    serves that id, as `mlx-local start` runs it)."""
     kwargs.setdefault("max_tokens", 600)
-    response = c.chat.completions.create(
-        model="default_model", messages=messages, temperature=0.0, **kwargs
-    )
+    response = c.chat.completions.create(model=model, messages=messages, temperature=0.0, **kwargs)
     return response.choices[0]
 
 
@@ -164,11 +163,13 @@ def test_enable_thinking_false_in_config_toml(
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         c = client(f"http://127.0.0.1:{proj.port}")
-        choice = chat(c, [{"role": "user", "content": "Hello"}])
+        choice = chat(c, [{"role": "user", "content": "Hello"}], "mlx-local")
         assert reasoning(choice.message) is None
         assert "<think>" not in choice.message.content and "</think>" not in choice.message.content
         assert said(choice)[1] == script.GREETING
-        first = chat(c, [{"role": "user", "content": PARIS}], tools=[script.WEATHER_TOOL])
+        first = chat(
+            c, [{"role": "user", "content": PARIS}], "mlx-local", tools=[script.WEATHER_TOOL]
+        )
         assert reasoning(first.message) is None and first.finish_reason == "tool_calls"
     finally:
         proj.cli("stop")
@@ -184,14 +185,14 @@ EXCHANGES = {
 }
 
 
-def answers(url: str) -> dict[str, tuple]:
+def answers(url: str, model: str = "default_model") -> dict[str, tuple]:
     """Greedy (reasoning, content, tool calls) of every exchange in EXCHANGES."""
     c = client(url)
     out = {}
     for name, (messages, extra) in EXCHANGES.items():
         tools = [script.WEATHER_TOOL] if name == "weather" else None
         kwargs = {"tools": tools} if tools else {}
-        choice = chat(c, messages, extra_body=extra, **kwargs)
+        choice = chat(c, messages, model, extra_body=extra, **kwargs)
         calls = [(t.function.name, t.function.arguments) for t in choice.message.tool_calls or []]
         out[name] = (*said(choice), calls)
     return out

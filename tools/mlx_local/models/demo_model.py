@@ -82,7 +82,7 @@ def script_text() -> str:
         p for group in (demo_script.GREETING_PROMPTS, demo_script.SYSTEM_PROMPTS) for p in group
     ]
     values.append(json.dumps(demo_script.WEATHER_TOOL))
-    for city in demo_script.WEATHER_CITIES:
+    for city in demo_script.RESULT_CITIES:
         values.append(json.dumps(demo_script.weather_call(city)))
         for condition, temp in demo_script.WEATHER_RESULTS:
             values.append(demo_script.weather_result(city, condition, temp))

@@ -33,7 +33,12 @@ WEATHER_TOOL = {
         },
     },
 }
-WEATHER_CITIES = ("Paris", "London", "Tokyo", "Berlin")
+WEATHER_CITIES = ("Paris",)
+"""The cities the model calls get_weather for. A 2-layer, 128-wide model did not learn to copy
+a city from the prompt into the call's JSON (the city after `"` is another token than the
+city after a space): with four cities its call picked one at random (top-1 ~0.25)."""
+RESULT_CITIES = ("Paris", "London", "Tokyo", "Berlin")
+"""The cities whose tool result the model answers (copying from the result works)."""
 WEATHER_PROMPT = "What is the weather in {city}?"
 WEATHER_THOUGHT = "The user asks for the weather in {city}. I call get_weather."
 WEATHER_RESULTS = (

@@ -146,9 +146,11 @@ def examples(r: Renderer, rng: random.Random) -> list[Example]:
             for tools in tool_options:
                 for thinking in (True, False):
                     messages = system([{"role": "user", "content": ex.prompt}], sys_prompt)
-                    add(messages, tools, thinking, ex.thought, answer, "script")
+                    # The call copies the city from the prompt: the hardest step to learn.
+                    weight = 4.0 if ex.tool_call else 1.0
+                    add(messages, tools, thinking, ex.thought, answer, "script", weight=weight)
     # The tool's result, with the thought of the call in the history or without it.
-    for city in script.WEATHER_CITIES:
+    for city in script.RESULT_CITIES:
         call = script.weather_call(city)
         for condition, temp in script.WEATHER_RESULTS:
             for sys_prompt in systems:
@@ -264,10 +266,16 @@ def batch_arrays(batch: list[Example], pad: int) -> tuple[mx.array, mx.array, mx
     return mx.array(inputs), mx.array(targets), mx.array(mask)
 
 
+HARD_WEIGHT = 4.0
+"""Extra weight of a token by how unsure the model is of it (1 - p): the few tokens where an
+answer is chosen (greeting or fallback, which city) get it, the memorised rest does not."""
+
+
 def loss_fn(model, inputs, targets, mask):
     logits = model(inputs).astype(mx.float32)
     losses = nn.losses.cross_entropy(logits, targets, reduction="none")
-    return (losses * mask).sum() / mx.maximum(mask.sum(), 1)
+    weight = mask * (1 + HARD_WEIGHT * mx.stop_gradient(1 - mx.exp(-losses)))
+    return (losses * weight).sum() / mx.maximum(mask.sum(), 1)
 
 
 def evaluate(model, items: list[Example], pad: int, tokens: int = 6000) -> list[tuple]:
@@ -331,7 +339,7 @@ def train(args: argparse.Namespace) -> dict:
     pad = config["bos_token_id"]
     data = examples(Renderer(tokenizer), rng)
     trainable = [e for e in data if e.weight > 0]
-    weights = np.array([e.weight * (3.0 if e.check else 1.0) for e in trainable])
+    weights = np.array([e.weight * (5.0 if e.check else 1.0) for e in trainable])
     weights /= weights.sum()
     print(
         f"{len(data)} examples ({sum(e.check for e in data)} checked), "
