@@ -22,6 +22,7 @@ EXPECTED_FILES = {
     "tokenizer.json",
     "tokenizer_config.json",
     "README.md",
+    demo_model.RECORD_FILE,
 }
 
 
@@ -45,13 +46,31 @@ def test_build_writes_a_hugging_face_folder(tmp_path: Path) -> None:
     assert 1000 <= tokenizer.get_vocab_size() <= config["vocab_size"]
 
 
-def test_build_is_deterministic_and_seeded(tmp_path: Path) -> None:
+def test_build_copies_the_shipped_model_and_random_weights_are_seeded(tmp_path: Path) -> None:
     first = _tree(demo_model.build_demo_model(tmp_path / "a"))
-    second = _tree(demo_model.build_demo_model(tmp_path / "b"))
-    assert first == second
-    other_seed = _tree(demo_model.build_demo_model(tmp_path / "c", seed=1))
-    assert other_seed["model.safetensors"] != first["model.safetensors"]
-    assert other_seed["tokenizer.json"] == first["tokenizer.json"]
+    shipped = demo_model.shipped_dir()
+    assert all(first[name] == (shipped / name).read_bytes() for name in demo_model.SHIPPED_FILES)
+    random_one = _tree(demo_model.build_random_demo_model(tmp_path / "b", seed=1))
+    random_two = _tree(demo_model.build_random_demo_model(tmp_path / "c", seed=2))
+    assert len({first["model.safetensors"], random_one["model.safetensors"]}) == 2
+    assert random_one["model.safetensors"] != random_two["model.safetensors"]
+    assert random_one["tokenizer.json"] == first["tokenizer.json"]
+
+
+def test_the_shipped_weights_were_trained_from_these_sources(tmp_path: Path) -> None:
+    """Change the script, the trainer, the corpus, the template or the prompts, and this fails
+    until the weights are retrained (python -m mlx_local.models.demo_trainer)."""
+    record = json.loads((demo_model.shipped_dir() / demo_model.RECORD_FILE).read_text())
+    assert record["hashes"] == demo_model.source_hashes(), "retrain the demo model"
+    assert record["margin"] == 0.9 and 0 < record["min_margin"] <= 1
+    # What demo_model.py contributes (tokenizer, config) is what the weights were trained on.
+    demo_model.write_base_files(tmp_path)
+    for name in ("config.json", "tokenizer_config.json", "generation_config.json"):
+        shipped = json.loads((demo_model.shipped_dir() / name).read_text())
+        assert json.loads((tmp_path / name).read_text()) == shipped, name
+    fresh = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    shipped_tokenizer = Tokenizer.from_file(str(demo_model.shipped_dir() / "tokenizer.json"))
+    assert fresh.get_vocab() == shipped_tokenizer.get_vocab()
 
 
 def test_existing_folder_is_kept_unless_forced(tmp_path: Path) -> None:

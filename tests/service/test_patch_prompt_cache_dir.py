@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_local.models.demo_model import build_demo_model, corpus_text
+from mlx_local.models.demo_model import build_random_demo_model, corpus_text
 from tests.helpers import running_server
 
 pytestmark = pytest.mark.slow
@@ -181,7 +181,7 @@ def test_caches_of_another_model_or_setting_are_ignored(patched_runtime, demo_mo
     follow_up = next_turn(first, reply)
 
     # Same tokenizer and prompt, other weights: never loaded, never removed.
-    other = build_demo_model(tmp_path / "other-model", seed=7)
+    other = build_random_demo_model(tmp_path / "other-model", seed=7)
     _, log = serve_once(patched_runtime.python, other, args, follow_up)
     assert SAVED.search(log) and not LOADED.search(log), log[-2000:]
     assert own_file.exists()

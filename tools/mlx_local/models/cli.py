@@ -75,8 +75,8 @@ def _register_demo(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser(
         "demo-model",
         help="build the tiny random-weight demo model (offline, seconds; talks gibberish)",
-        description="Build a tiny Qwen3 with random weights and a locally trained tokenizer in "
-        "Hugging Face format. It checks the plumbing; it does not say anything sensible.",
+        description="Build the tiny scripted Qwen3 in Hugging Face format (shipped trained "
+        "weights and tokenizer, copied offline): it says the script in demo_script.py.",
     )
     demo.add_argument(
         "--dest",

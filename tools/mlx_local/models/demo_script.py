@@ -33,7 +33,12 @@ WEATHER_TOOL = {
         },
     },
 }
-WEATHER_CITIES = ("Paris", "London", "Tokyo", "Berlin")
+WEATHER_CITIES = ("Paris",)
+"""The cities the model calls get_weather for. A 2-layer, 128-wide model did not learn to copy
+a city from the prompt into the call's JSON (the city after `"` is another token than the
+city after a space): with four cities its call picked one at random (top-1 ~0.25)."""
+RESULT_CITIES = ("Paris", "London", "Tokyo", "Berlin")
+"""The cities whose tool result the model answers (copying from the result works)."""
 WEATHER_PROMPT = "What is the weather in {city}?"
 WEATHER_THOUGHT = "The user asks for the weather in {city}. I call get_weather."
 WEATHER_RESULTS = (
@@ -81,6 +86,19 @@ LONG_THOUGHT = (
     "so the answer is twenty-four legs."
 )
 LONG_THOUGHT_ANSWER = "Three spiders have 24 legs."
+LONG_THOUGHT_BUDGET = 16
+"""The thinking budget (tokens) the tests cut LONG_THOUGHT at; the model is trained to give
+LONG_THOUGHT_ANSWER after `</think>` closes the thought at any point, this one included."""
+
+CONVERSATION = (GREETING_PROMPTS[1], COUNT_PROMPT, "Thank you!")
+"""A multi-turn conversation: each user turn in order, answered GREETING, COUNT, FALLBACK."""
+
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "You are a coding agent. Read the files you change and answer briefly.",
+    "You are Codex, based on GPT-5. You are running as a coding agent in the user's terminal.",
+)
+"""System prompts the script is trained with (the answers do not depend on them)."""
 
 
 @dataclass(frozen=True)

@@ -66,11 +66,12 @@ def hub_status(repo_id: str) -> str:
 
 
 def demo_model(project: Project) -> Model:
-    """The demo model under local-models/, built first if it is not there yet."""
+    """The demo model under local-models/, built first if it is not there yet or is an older
+    build than the shipped one (e.g. the earlier random-weight model)."""
     from ..models import demo_model as demo
 
     path = project.models_dir / demo.DEFAULT_NAME
-    if not (path / "config.json").is_file():
+    if not demo.is_current(path):
         from ..locking import project_lock
 
         with project_lock(project.state_dir, "demo-model"):
