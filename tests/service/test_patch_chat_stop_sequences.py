@@ -73,6 +73,14 @@ def test_a_stop_word_other_tokens_spell_ends_the_answer_before_it(
     assert chat(client, stream, stop=["six"], **request) == (said, "length")
 
 
+def test_the_generation_ends_at_the_token_that_completes_the_stop_word(
+    client: openai.OpenAI, five: dict[str, int]
+) -> None:
+    request = {"model": SERVED, "messages": HELLO, "max_tokens": 8, "logit_bias": five}
+    answer = client.chat.completions.create(stop=["ve fi"], extra_body=NO_THINKING, **request)
+    assert answer.usage.completion_tokens == 2
+
+
 def test_text_completions_stop_on_the_text_too(client: openai.OpenAI, five: dict[str, int]) -> None:
     request = {"model": SERVED, "prompt": "Count:", "max_tokens": 8, "logit_bias": five}
     (choice,) = client.completions.create(stop=["e fiv"], **request).choices
