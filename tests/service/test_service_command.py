@@ -28,6 +28,7 @@ prompt_cache_size = 1
 prompt_cache_bytes = "8M"
 prompt_cache_dir = "pc"
 prompt_cache_dir_bytes = "512M"
+idle_unload = "30m"
 kv_bits = 4
 kv_group_size = 32
 quantized_kv_start = 128
@@ -63,6 +64,7 @@ EXPECTED = [
     ("--prompt-cache-bytes", "8388608"),
     ("--prompt-cache-dir", "{root}/pc"),
     ("--prompt-cache-dir-bytes", "512M"),
+    ("--idle-unload", "1800"),
     ("--kv-bits", "4"),
     ("--kv-group-size", "32"),
     ("--quantized-kv-start", "128"),

@@ -108,6 +108,29 @@ def parse_bytes(value: int | str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*$")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
+def _duration_or_off(value: Any) -> str | None:
+    if value is False or (_is_number(value) and value > 0):
+        return None
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if match and float(match.group(1)) > 0:
+        return None
+    return 'a duration like "90s", "30m" or "2h" (or seconds), or false to turn it off'
+
+
+def parse_duration(value: int | float | str) -> float:
+    """Seconds from a checked duration: a number of seconds, or "90s", "30m", "2h"."""
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.match(value)
+    if match is None:
+        raise ValueError(f"not a duration: {value!r}")
+    return float(match.group(1)) * _SECONDS[match.group(2)]
+
+
 def _folder_or_off(value: Any) -> str | None:
     if value is False or (isinstance(value, str) and value.strip()):
         return None
@@ -199,6 +222,11 @@ SERVER_KEYS: dict[str, Key] = {
     "prompt_cache_dir_bytes": Key(
         _byte_count, "--prompt-cache-dir-bytes", "byte budget of prompt_cache_dir"
     ),
+    "idle_unload": Key(
+        _duration_or_off,
+        "--idle-unload",
+        "give the model's memory back after this long without a request; false = never",
+    ),
     "chat_template_args": Key(_table, "--chat-template-args", "arguments for the chat template"),
     "thinking_budget": Key(
         _int(0),
@@ -266,6 +294,8 @@ class Config:
     options: dict[str, Any]
     service: ServiceSettings
     distributed: config_distributed.Distributed | None = None
+    notes: tuple[str, ...] = ()  # settings without effect (`config check` shows them)
+    explicit: frozenset[str] = frozenset()  # top-level keys the user's file sets off default
 
     @property
     def model(self) -> str:
@@ -333,12 +363,14 @@ def validate(data: dict[str, Any], root: Path | None = None) -> list[str]:
         problems.append(
             f"{' and '.join(key_sources)} are {together} set; allowed: at most one of them"
         )
-    if "prompt_cache_dir_bytes" in data and data.get("prompt_cache_dir", False) is False:
-        problems.append(
-            "prompt_cache_dir_bytes is set but prompt_cache_dir is off; allowed: set both"
-        )
     if "kv_group_size" in data and "kv_bits" not in data:
         problems.append("kv_group_size is set without kv_bits; allowed: set kv_bits as well")
+    if "distributed" in data and data.get("idle_unload", False) is not False:
+        problems.append(
+            "idle_unload is set but [distributed] is on: a group does not unload its model "
+            "(every rank would have to unload and load again together); allowed: "
+            "idle_unload = false"
+        )
     if "distributed" in data:
         problems += config_distributed.validate(data["distributed"], root or Path.cwd())
         problems += config_distributed.server_problems(data)
@@ -346,12 +378,8 @@ def validate(data: dict[str, Any], root: Path | None = None) -> list[str]:
 
 
 def merge(defaults: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
-    """User values over defaults; the [service] table merges key by key. Turning the disk
-    prompt cache off (`prompt_cache_dir = false`) also drops the default byte budget."""
+    """User values over defaults; the [service] table merges key by key."""
     merged = {**defaults, **user}
-    if user.get("prompt_cache_dir") is False and "prompt_cache_dir_bytes" not in user:
-        merged.pop("prompt_cache_dir_bytes", None)
-    config_distributed.drop_disk_cache_default(merged, user)
     if isinstance(defaults.get("service"), dict) and isinstance(user.get("service"), dict):
         merged["service"] = {**defaults["service"], **user["service"]}
     return merged
@@ -380,7 +408,8 @@ def load(project: Project, path: Path | None = None) -> Config:
     if path is None:
         ensure_user_config(project)
         path = project.user_config_file
-    data = merge(defaults, _read_toml(path))
+    user = _read_toml(path)
+    data = merge(defaults, user)
     problems = validate(data, project.root)
     if problems:
         lines = "\n  ".join(problems)
@@ -395,12 +424,39 @@ def load(project: Project, path: Path | None = None) -> Config:
         stop_timeout=float(service.get("stop_timeout", 15)),
     )
     options = {k: v for k, v in data.items() if k not in ("service", "distributed")}
+    if options.get("prompt_cache_dir", False) is False:  # a budget of nothing: no effect
+        options.pop("prompt_cache_dir_bytes", None)
     if "prompt_cache_bytes" in options:  # upstream's parser knows neither K nor T nor 1024s
         options["prompt_cache_bytes"] = parse_bytes(options["prompt_cache_bytes"])
+    if options.get("idle_unload", False) is False:
+        options.pop("idle_unload", None)
+    else:  # the server takes seconds
+        seconds = parse_duration(options["idle_unload"])
+        options["idle_unload"] = int(seconds) if seconds.is_integer() else seconds
     for key in PATH_KEYS:
         if isinstance(options.get(key), str):
             value = Path(os.path.expanduser(options[key]))
             options[key] = str(value if value.is_absolute() else project.root / value)
     group = data.get("distributed")
     group = config_distributed.parse(group, project.root) if group is not None else None
-    return Config(path=path, options=options, service=settings, distributed=group)
+    explicit = frozenset(k for k in options if not at_default(user, defaults, k))
+    return Config(path, options, settings, group, tuple(notes(user, options)), explicit)
+
+
+def at_default(user: dict[str, Any], defaults: dict[str, Any], key: str) -> bool:
+    """The user's file leaves `key` at its default: absent, or the shipped value itself (what
+    `config init` copies; paths compared as paths)."""
+    if key not in user:
+        return True
+    value, default = user[key], defaults.get(key)
+    if key in PATH_KEYS and isinstance(value, str) and isinstance(default, str):
+        return os.path.normpath(value) == os.path.normpath(default)
+    return value == default and type(value) is type(default)
+
+
+def notes(user: dict[str, Any], options: dict[str, Any]) -> list[str]:
+    """Keys of the user's file that have no effect on the server's options (`config check`
+    shows them; never a refusal)."""
+    if "prompt_cache_dir_bytes" not in user or "prompt_cache_dir_bytes" in options:
+        return []
+    return ["prompt_cache_dir_bytes has no effect: the disk prompt cache is off"]

@@ -138,7 +138,36 @@ def build(args: argparse.Namespace) -> dict:
         "sysctl": sysctl_line(machine, worst["total_bytes"]) if not worst["fits"] else None,
         "verdict": verdict(shape, configured, machine).line if not args.model else None,
         "notes": notes,
+        "idle": _idle(cfg.options, worst["total_bytes"]),
     }
+
+
+IDLE_STAYS = (
+    "the server process itself: Python with mlx, mlx-lm and the modules the model needed, "
+    "the HTTP server and its threads (about 90 MiB on the CPU build), the disk prompt "
+    "cache's index of files, mlx's random keys (8 bytes a thread); the prompt cache files "
+    "stay on disk"
+)
+
+
+def _idle(options: dict, held: int) -> dict:
+    """What idle_unload gives back when nobody uses the server, and what stays."""
+    seconds = options.get("idle_unload")
+    return {"idle_unload_seconds": seconds, "given_back_bytes": held, "stays": IDLE_STAYS}
+
+
+def _idle_line(idle: dict) -> str:
+    held = gib(idle["given_back_bytes"])
+    if idle["idle_unload_seconds"] is None:
+        return (
+            f"idle: idle_unload is off, so the model keeps up to {held} while nobody uses it; "
+            f'idle_unload = "30m" gives that back after 30 minutes without a request'
+        )
+    return (
+        f"idle: after {idle['idle_unload_seconds']:g} s without a request (idle_unload) the "
+        f"weights, KV and prompt caches (up to {held}) are given back; what stays: "
+        f"{idle['stays']}"
+    )
 
 
 def _label(bits: int | None, shape: ModelShape) -> str:
@@ -195,6 +224,7 @@ def _plan(args: argparse.Namespace) -> int:
         f"{longest} tokens (the model's maximum: {plan['model_max_context'] or 'unknown'})",
         highlight=False,
     )
+    console.print(escape(_idle_line(plan["idle"])), highlight=False)
     for note in plan["notes"]:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     if plan["sysctl"]:

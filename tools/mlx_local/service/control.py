@@ -13,7 +13,7 @@ from ..config import Config
 from ..errors import UserError
 from ..plan.estimate import Verdict
 from ..project import PYTHON_ENV, ROOT_ENV, Project
-from . import cluster, install, login, logs, process, systemctl, systemd
+from . import cluster, group_disk, install, login, logs, process, systemctl, systemd
 from . import metrics as metrics_mod
 from .command import resolve_model
 from .kind import Kind
@@ -290,6 +290,8 @@ class Status:
     last_exit: str | None = None  # how the last run ended (a service): "exited 0", ...
     metrics: metrics_mod.Summary | None = None  # from GET /metrics when the server answers
     metrics_detail: str = ""  # why there are no metrics
+    activity: str | None = None  # "idle (model unloaded)" and the like (--idle-unload)
+    activity_seconds: int | None = None  # for how long
     ranks: list[dict] = field(default_factory=list)  # a [distributed] group: each rank
 
 
@@ -366,10 +368,23 @@ def status(project: Project, config: Config) -> Status:
         last_exit=last_exit,
         metrics=summary,
         metrics_detail=why,
-        ranks=[
-            asdict(rank)
-            for rank in cluster.signal_ranks(cluster.ranks(project, config.distributed))
-        ]
-        if config.distributed is not None
-        else [],
+        activity=summary.activity if summary else None,
+        activity_seconds=(
+            max(int(time.time() - summary.model_state_since), 0)
+            if summary and summary.activity and summary.model_state_since is not None
+            else None
+        ),
+        ranks=_ranks(project, config) if config.distributed is not None else [],
     )
+
+
+def _ranks(project: Project, config: Config) -> list[dict]:
+    """Each rank of a group: host, pid, alive, memory, and its disk tier (None: off)."""
+    states = cluster.signal_ranks(cluster.ranks(project, config.distributed))
+    keeps = group_disk.server_keeps_ranks(project)
+    disk = group_disk.usage(project, config) if keeps else {}
+    return [{**asdict(state), "disk": _asdict(disk.get(state.rank))} for state in states]
+
+
+def _asdict(value: object) -> dict | None:
+    return asdict(value) if value is not None else None

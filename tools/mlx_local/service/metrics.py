@@ -43,6 +43,28 @@ class Summary:
     memory_active_bytes: int
     memory_peak_bytes: int
     memory_cache_bytes: int
+    disk_blocks: int = 0
+    disk_blocks_shared: int = 0
+    disk_written_bytes: int = 0
+    # --idle-unload (patch 0015): loading, loaded, unloading or unloaded; None without it
+    model_state: str | None = None
+    model_state_since: float | None = None  # when that state began (Unix time)
+    idle_unload_seconds: float = 0.0  # the setting; 0: off
+    idle_unloads: int = 0
+    idle_reloads: int = 0
+    idle_reload_seconds_mean: float | None = None
+    idle_last_reload_seconds: float | None = None
+
+    @property
+    def activity(self) -> str | None:
+        """What `status` adds to the state when the model is not simply loaded."""
+        if self.model_state == "unloaded":
+            return "idle (model unloaded)"
+        if self.model_state == "unloading":
+            return "idle (unloading the model)"
+        if self.model_state == "loading":
+            return "loading the model" + (" again" if self.idle_unloads else "")
+        return None
 
 
 def parse(text: str) -> Samples:
@@ -86,6 +108,12 @@ def summarize(samples: Samples) -> Summary:
     def n(name: str, **labels: str) -> int:
         return int(_get(samples, name, **labels))
 
+    states = [
+        dict(labels).get("state")
+        for (name, labels), value in samples.items()
+        if name == "mlx_lm_model_state" and value == 1
+    ]
+    reloads = n("idle_reloads_total")
     processed = n("prompt_tokens_processed_total")
     memory = n("prompt_tokens_reused_total", tier="memory")
     disk = n("prompt_tokens_reused_total", tier="disk")
@@ -106,6 +134,16 @@ def summarize(samples: Samples) -> Summary:
         memory_active_bytes=n("memory_active_bytes"),
         memory_peak_bytes=n("memory_peak_bytes"),
         memory_cache_bytes=n("memory_cache_bytes"),
+        disk_blocks=n("prompt_cache_disk_blocks"),
+        disk_blocks_shared=n("prompt_cache_disk_blocks_shared"),
+        disk_written_bytes=n("prompt_cache_disk_written_bytes_total"),
+        model_state=states[0] if states else None,
+        model_state_since=_get(samples, "model_state_start_time_seconds") if states else None,
+        idle_unload_seconds=_get(samples, "idle_unload_seconds"),
+        idle_unloads=n("idle_unloads_total"),
+        idle_reloads=reloads,
+        idle_reload_seconds_mean=_mean(samples, "idle_reload_seconds"),
+        idle_last_reload_seconds=_get(samples, "idle_last_reload_seconds") if reloads else None,
     )
 
 
@@ -148,10 +186,11 @@ def panel_rows(summary: Summary | None, detail: str) -> list[tuple[str, str]]:
     if summary is None:
         return [("metrics", f"unavailable: {detail}")] if detail else []
     s = summary
+    rows = _idle_rows(s)
     hit = "-" if s.cache_hit_rate is None else f"{s.cache_hit_rate:.0%}"
     ttft = s.time_to_first_token_mean_seconds
     decode = s.decode_tokens_per_second_mean
-    return [
+    return rows + [
         ("requests", f"{s.requests}"),
         (
             "prompt tokens",
@@ -168,8 +207,26 @@ def panel_rows(summary: Summary | None, detail: str) -> list[tuple[str, str]]:
             f"{s.cache_entries_disk} on disk ({_size(s.cache_bytes_disk)})",
         ),
         (
+            "disk blocks",
+            f"{s.disk_blocks} ({s.disk_blocks_shared} shared), "
+            f"{_size(s.disk_written_bytes)} written in this run",
+        ),
+        (
             "mlx memory",
             f"active {_size(s.memory_active_bytes)}, peak {_size(s.memory_peak_bytes)}, "
             f"cache {_size(s.memory_cache_bytes)}",
         ),
     ]
+
+
+def _idle_rows(s: Summary) -> list[tuple[str, str]]:
+    """The idle unload's row: the setting, unloads and reloads, the time reloads took."""
+    if not s.idle_unload_seconds:
+        return []
+    text = f"after {s.idle_unload_seconds:g} s without a request; {s.idle_unloads} unloads"
+    text += f", {s.idle_reloads} reloads"
+    if s.idle_reload_seconds_mean is not None and s.idle_last_reload_seconds is not None:
+        text += (
+            f" ({s.idle_reload_seconds_mean:.2f} s mean, last {s.idle_last_reload_seconds:.2f} s)"
+        )
+    return [("idle unload", text)]

@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..plan import guard
 from ..plan.estimate import Verdict
 from ..project import Project
-from . import cluster, exposure, kv_check, logs, process
+from . import cluster, exposure, group_disk, kv_check, logs, process
 from .command import (
     Model,
     ServerCommand,
@@ -95,8 +95,9 @@ def plan(
     fallback_demo: bool = False,
 ) -> Plan:
     """Check everything a server start needs and build its command line."""
-    warnings = exposure.check(config)
     check_runtime(project, python)
+    config = group_disk.settle(config, project)
+    warnings = exposure.check(config)
     model = resolve_model(model_override or config.model, project)
     if model.kind == "hub":
         status = hub_status(model.spec)
