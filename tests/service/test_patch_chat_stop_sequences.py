@@ -38,10 +38,11 @@ def client(
 
 @pytest.fixture(scope="module")
 def five(demo_model: Path) -> dict[str, int]:
-    """A logit_bias that makes the model say " five" at every step."""
+    """A logit_bias that makes the model say " five" at every step: one token, where the word
+    alone is other tokens."""
     tokenizer = Tokenizer.from_file(str(demo_model / "tokenizer.json"))
-    (token,) = tokenizer.encode(" five").ids
-    assert tokenizer.encode("five").ids != [token]  # the word alone is other tokens
+    (token,) = tokenizer.encode(" five", add_special_tokens=False).ids
+    assert tokenizer.encode("five", add_special_tokens=False).ids != [token]
     return {str(token): 100}
 
 
