@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint venv system-deps
+.PHONY: run test lint venv system-deps agents
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ test: $(STAMP) system-deps
 # installed with a guarded apt-get where possible.
 system-deps:
 	@bash .ci/install-test-tools
+
+# The coding agents tests/agents/ runs (npm, into .cache/agents/; again only when the lock changes).
+agents: $(STAMP)
+	$(BIN)/python -m tests.agents.install
 
 lint: $(STAMP)
 	$(BIN)/ruff check tools tests

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from mlx_local.cli import build_parser
+from mlx_local.service import connect
 from tests import docs_snippets as snippets
 from tests.helpers import REPO_ROOT, run_cli
 
@@ -26,7 +28,8 @@ COMMANDS = sorted(
         for command in snippets.inline_commands(page)
     }
 )
-KNOWN_MARKS = {"config", "opencode", "codex", "claude-code", "example"}
+AGENT_MARKS = set(connect.AGENTS)
+KNOWN_MARKS = {"config", "example", *AGENT_MARKS}
 
 
 def test_every_toml_and_json_block_says_what_it_is() -> None:
@@ -70,13 +73,28 @@ def _check_other_program(command: str, where: str) -> None:
         assert path.with_suffix(".py").is_file() or path.is_dir(), f"{where}: {command}"
 
 
-def test_the_opencode_setup_is_the_served_address_and_id() -> None:
-    (block,) = [b for b in snippets.all_blocks() if b.mark == "opencode"]
-    setup = json.loads(block.text)
-    provider = setup["provider"]["mlx-local"]
-    assert provider["options"]["baseURL"] == "http://127.0.0.1:8000/v1"
-    assert list(provider["models"]) == ["mlx-local"]
-    assert setup["model"] == "mlx-local/mlx-local"
+@pytest.mark.parametrize("agent", sorted(AGENT_MARKS))
+def test_an_agent_setup_shown_is_what_the_agent_tests_run(agent: str) -> None:
+    """The README's setups are `mlx-local connect`'s, which tests/agents/ runs the agents with:
+    a config file verbatim (and parsed), environment lines as `connect` prints them."""
+    shown = [b for b in snippets.all_blocks() if b.mark == agent]
+    assert shown, f"the docs show no {agent} setup"
+    tested = connect.setup(agent, connect.Target())
+    exports = [line for line in connect.render(tested).splitlines() if line.startswith("export ")]
+    shown_files = []
+    for block in shown:
+        if block.language == "sh":  # the environment, as `connect` prints it
+            assert block.text.splitlines() == exports, block.where
+            exports = []
+            continue
+        assert block.text in tested.files.values(), block.where
+        shown_files.append(block.text)
+        if block.language == "json":
+            json.loads(block.text)
+        else:
+            tomllib.loads(block.text)
+    assert not exports, f"the docs do not show {agent}'s environment"
+    assert sorted(shown_files) == sorted(tested.files.values()), f"a file of {agent} is missing"
 
 
 def test_every_link_between_pages_resolves() -> None:

@@ -286,7 +286,13 @@ def test_patches_new_at_an_older_base_writes_only_the_new_patch(
     assert result.returncode == 0, result.stderr
     after = {p.name: p.read_bytes() for p in patches.iterdir()}
     (added,) = set(after) - set(before)
-    assert added.endswith("-readme-note.patch") and series_names(project_copy) == [*names, added]
+    # The new patch goes right after the last patch applied at this base: patches guarded
+    # out here (newer than the base) stay after it, as the commits are on the branch.
+    series = patchqueue.Series.load(patches / "series")
+    applied = [e.name for e in series.active(upstream.tag_version(base)) if e.name != added]
+    at = names.index(applied[-1]) + 1
+    assert added.endswith("-readme-note.patch")
+    assert series_names(project_copy) == [*names[:at], added, *names[at:]]
     assert {n: after[n] for n in before if n != "series"} == {
         n: text for n, text in before.items() if n != "series"
     }

@@ -106,6 +106,65 @@ def test_sessions_sharing_a_system_prompt_share_its_blocks(patched_runtime, demo
     assert four / one < 2.0
 
 
+SLIDING_MODEL = textwrap.dedent(
+    """
+    import json, shutil, sys
+    from pathlib import Path
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import gemma3_text
+
+    demo, dest = Path(sys.argv[1]), Path(sys.argv[2])
+    dest.mkdir(parents=True)
+    for p in demo.glob("tokenizer*"):
+        shutil.copy(p, dest / p.name)
+    demo_config = json.loads((demo / "config.json").read_text())
+    config = {
+        "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"],
+        "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+        "num_attention_heads": 4, "head_dim": 16, "num_key_value_heads": 2,
+        "vocab_size": demo_config["vocab_size"], "query_pre_attn_scalar": 16,
+        "sliding_window": 128, "sliding_window_pattern": 2,
+        "eos_token_id": demo_config.get("eos_token_id"),
+    }
+    mx.random.seed(3)
+    model = gemma3_text.Model(gemma3_text.ModelArgs.from_dict(config))
+    weights = dict(tree_flatten(model.parameters()))
+    mx.save_safetensors(str(dest / "model.safetensors"), weights, {"format": "mlx"})
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    """
+)
+
+
+def test_a_sliding_window_model_restarts_from_the_chain_end(patched_runtime, demo_model, tmp_path):
+    """Gemma 3's layout (random weights, the demo tokenizer): a sliding-window layer
+    (RotatingKVCache of 128 tokens, long past its window) and a global one (KVCache)."""
+    python = patched_runtime.python
+    model = tmp_path / "tiny-gemma3"
+    subprocess.run([str(python), "-c", SLIDING_MODEL, str(demo_model), str(model)], check=True)
+    folder = tmp_path / "prompt-cache"
+    args = ["--prompt-cache-dir", str(folder)]
+    first = conversation("Project Window", LONG)
+    reply, log = serve_once(python, model, args, first)
+    assert SAVED.search(log), log[-3000:]
+    # the global layer in shared blocks, the window whole in each tail
+    assert {metadata(p)["roles"] for p in tails_of(folder)} == {json.dumps(["end", "seq"])}
+    assert all(metadata(p)["roles"] == json.dumps(["end", "seq"]) for p in blocks_of(folder))
+    # the next turn after a restart and a new session with the same system prompt: each
+    # served from the end of a stored chain (a checkpoint of mlx-lm's prompt segments)
+    for messages in (
+        next_turn(first, reply),
+        [first[0], {"role": "user", "content": "Another question."}],
+    ):
+        reply2, log2 = serve_once(python, model, args, messages)
+        loaded = LOADED.search(log2)
+        assert loaded, log2[-3000:]
+        assert reply2["usage"]["prompt_tokens_details"]["cached_tokens"] == int(loaded.group(1))
+        assert int(loaded.group(1)) > 1900
+        cold, _ = serve_once(python, model, [], messages)
+        assert answer(reply2) == answer(cold)
+
+
 TIER_SCRIPT = textwrap.dedent(
     """
     import argparse, json, sys
@@ -191,3 +250,52 @@ def test_layers_not_per_token_are_kept_at_the_chain_end(patched_runtime, tmp_pat
     assert out["extends"] == ["disk", 600, 3]
     assert out["kv_offset"] == 600 and out["same_kv"] and out["same_end_state"]
     assert out["inside"] == [None, 0]
+
+
+QUANTIZED_SCRIPT = textwrap.dedent(
+    """
+    import argparse, sys
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache, LRUPromptCache
+    from mlx_lm.prompt_cache_disk import TieredPromptCache
+
+    args = argparse.Namespace(
+        prompt_cache_dir=sys.argv[1], prompt_cache_dir_bytes=1 << 30, model="q",
+        adapter_path=None, draft_model=None, kv_bits=4, kv_group_size=32,
+        quantized_kv_start=300,
+    )
+    key, tokens = ("q", None, None), list(range(700))
+    k = mx.random.normal((1, 2, 700, 32), key=mx.random.key(5))
+    tier = TieredPromptCache(LRUPromptCache(2), args)
+    c = KVCache()
+    c.update_and_fetch(k[..., :280, :], -k[..., :280, :])
+    tier.insert_cache(key, tokens[:280], [c])  # a float block and tail
+    tier.flush()
+    q = c.to_quantized(group_size=32, bits=4)  # the conversation crossed the start
+    q.update_and_fetch(k[..., 280:, :], -k[..., 280:, :])
+    tier.insert_cache(key, tokens, [q])  # quantized blocks after the float one
+    tier.close()
+    again = TieredPromptCache(LRUPromptCache(2), args)
+    got, rest = again.fetch_nearest_cache(key, tokens + [1])
+    ref = KVCache()
+    ref.update_and_fetch(k, -k)
+    ref = ref.to_quantized(group_size=32, bits=4)
+    same = all(mx.array_equal(a[..., :700, :], b[..., :700, :]).item()
+               for a, b in zip(got[0].keys + got[0].values, ref.keys + ref.values))
+    print(type(got[0]).__name__, got[0].offset, len(rest), same)
+    again.close()
+    """
+)
+
+
+def test_a_chain_that_crossed_quantized_kv_start_loads_quantized(patched_runtime, tmp_path):
+    """Blocks written before --quantized-kv-start are float, after it quantized: the chain
+    loads as one QuantizedKVCache, the same as mlx-lm quantizing the whole cache."""
+    result = subprocess.run(
+        [str(patched_runtime.python), "-c", QUANTIZED_SCRIPT, str(tmp_path / "pc")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["QuantizedKVCache", "700", "1", "True"]

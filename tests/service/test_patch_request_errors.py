@@ -77,6 +77,7 @@ PATHS = [
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("POST", "/v1/messages"),
+    ("POST", "/v1/messages/count_tokens"),
     ("POST", "/v1/responses"),
     ("GET", "/health"),
 ]
@@ -127,6 +128,13 @@ DIALECT_BAD_BODIES = {
         b'{"max_tokens": 4, "messages": [{"role": "user", "content": [7]}]}',
         b'{"max_tokens": 4.5, "messages": [{"role": "user", "content": "hi"}]}',
     ],
+    "/v1/messages/count_tokens": [
+        b"\xff\xfe{}",
+        b'{"messages": [{"role": "user", "content": "hi"}',
+        b"[1, 2]",
+        b'{"messages": [{"role": "user", "content": [7]}]}',
+        b'{"messages": "hi"}',
+    ],
     "/v1/responses": [
         b"\xff\xfe{}",
         b'{"input": [{"role": "user", "content": "hi"}',
@@ -148,7 +156,11 @@ def openai_error(answer: bytes) -> bool:
     return error["type"] == "invalid_request_error" and bool(error["message"])
 
 
-SHAPES = {"/v1/messages?beta=true": anthropic_error, "/v1/responses": openai_error}
+SHAPES = {
+    "/v1/messages?beta=true": anthropic_error,
+    "/v1/messages/count_tokens": anthropic_error,
+    "/v1/responses": openai_error,
+}
 
 
 def test_malformed_requests_to_the_other_apis_get_400_in_their_shape(

@@ -23,6 +23,7 @@ from ..plan.estimate import Verdict
 from ..server_help import server_help
 from . import (
     cli_cluster,
+    cli_connect,
     cli_key,
     command,
     control,
@@ -46,9 +47,11 @@ STATE_STYLE = {"running": "green", "starting": "yellow", "crashed": "red", "stop
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the service commands (and `cluster check` from cli_cluster, `key` from cli_key)."""
+    """Add the service commands (and `cluster check` from cli_cluster, `key` from cli_key, `connect`
+    from cli_connect)."""
     cli_cluster.register(sub)
     cli_key.register(sub)
+    cli_connect.register(sub)
     cfg = sub.add_parser("config", help="the settings file: init, path, show, check")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     init = cfg_sub.add_parser("init", help="create config.toml from the defaults")

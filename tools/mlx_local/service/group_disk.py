@@ -2,7 +2,7 @@
 
 Every rank gets the same `--prompt-cache-dir` (relative to its own project when the folder is
 inside this one, like `--model`) and `--prompt-cache-dir-bytes` (each rank's own budget). The
-server keeps rank R of an N-rank group in `DIR/<digest>-rank<R>ofN-<mode>/`: blocks
+server keeps rank R of an N-rank group in `DIR/<digest>-rank<R>of<N>-<mode>/`: blocks
 `b-*.safetensors`, one tail `t*.safetensors` per stored conversation, `.tmp-*` writes in
 progress. A checkout whose server does not keep it per rank (no "per rank in a group" in its
 source): an explicit folder is refused with one line, the default is off.
