@@ -38,10 +38,11 @@ def client(
 
 @pytest.fixture(scope="module")
 def five(demo_model: Path) -> dict[str, int]:
-    """A logit_bias that makes the model say " five" at every step."""
+    """A logit_bias that makes the model say " five" at every step: one token, where the word
+    alone is other tokens."""
     tokenizer = Tokenizer.from_file(str(demo_model / "tokenizer.json"))
-    (token,) = tokenizer.encode(" five").ids
-    assert tokenizer.encode("five").ids != [token]  # the word alone is other tokens
+    (token,) = tokenizer.encode(" five", add_special_tokens=False).ids
+    assert tokenizer.encode("five", add_special_tokens=False).ids != [token]
     return {str(token): 100}
 
 
@@ -71,6 +72,14 @@ def test_a_stop_word_other_tokens_spell_ends_the_answer_before_it(
     assert chat(client, stream, stop="five", **request) == ("", "stop")
     # A stop word that never comes leaves the answer whole.
     assert chat(client, stream, stop=["six"], **request) == (said, "length")
+
+
+def test_the_generation_ends_at_the_token_that_completes_the_stop_word(
+    client: openai.OpenAI, five: dict[str, int]
+) -> None:
+    request = {"model": SERVED, "messages": HELLO, "max_tokens": 8, "logit_bias": five}
+    answer = client.chat.completions.create(stop=["ve fi"], extra_body=NO_THINKING, **request)
+    assert answer.usage.completion_tokens == 2
 
 
 def test_text_completions_stop_on_the_text_too(client: openai.OpenAI, five: dict[str, int]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -108,6 +109,22 @@ def test_the_block_the_prompt_opened_is_closed_after_the_budget(
         assert len(tokens) > budget + 1  # the answer follows
         assert bool(message.get("reasoning")) == (budget > 0)
         assert message["content"]
+
+
+def test_requests_decoded_together_keep_their_own_budgets(
+    opened: str, ids: tuple[int, int]
+) -> None:
+    _, end = ids
+    budgets = [1, 6, None, 3]
+    with ThreadPoolExecutor(len(budgets)) as pool:
+        answers = list(
+            pool.map(
+                lambda b: generated(opened, thinking_token_budget=b, logit_bias={str(end): -100}),
+                budgets,
+            )
+        )
+    for budget, (tokens, _, _) in zip(budgets, answers, strict=True):
+        assert (tokens.index(end) if end in tokens else None) == budget, (budget, tokens)
 
 
 def test_without_a_budget_nothing_is_forced(opened: str, ids: tuple[int, int]) -> None:

@@ -79,3 +79,18 @@ def test_an_older_base_refuses_the_key_at_start(
         assert "lacks --thinking-budget (config key thinking_budget)" in lines[-1]
         assert "0012-server-thinking-budget.patch applies to mlx-lm >=0.32.0" in lines[-1]
     run_cli(["stop"], root, env=env, timeout=120)
+
+
+def test_options_the_patches_define_beside_server_py_count(tmp_path: Path) -> None:
+    """--idle-unload is defined in server_idle.py, not server.py: not refused."""
+    package = tmp_path / "mlx-lm-repo" / "mlx_lm"
+    package.mkdir(parents=True)
+    (package / "server.py").write_text('parser.add_argument("--model")\n')
+    (package / "server_idle.py").write_text('parser.add_argument(\n    "--idle-unload",\n)\n')
+    known = command.checkout_sources(Project(tmp_path))
+    queued = command.queued_options(Project(REPO_ROOT))
+    argv = [str(PYTHON), "-m", "mlx_lm.server", "--model", "m", "--idle-unload", "600"]
+    assert command.patch_option_problem(command.ServerCommand(argv), known, queued) is None
+    argv += ["--thinking-budget", "8"]
+    problem = command.patch_option_problem(command.ServerCommand(argv), known, queued)
+    assert problem is not None and "lacks --thinking-budget" in problem

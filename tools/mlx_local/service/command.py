@@ -148,6 +148,13 @@ def upstream_option_problem(command: ServerCommand, known_text: str) -> str | No
     )
 
 
+def checkout_sources(project: Project) -> str:
+    """The text of the checkout's mlx_lm modules: where the server and the patches' modules
+    beside it (server_idle.py, ...) define their options ("" without a checkout)."""
+    package = project.checkout_dir / "mlx_lm"
+    return "".join(p.read_text("utf-8") for p in sorted(package.glob("*.py")))
+
+
 def queued_options(project: Project) -> dict[str, patchqueue.SeriesEntry]:
     """Each server option a patch of the queue provides -> that patch's series entry."""
     if not project.series_file.is_file():

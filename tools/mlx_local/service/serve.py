@@ -24,6 +24,7 @@ from .command import (
     Model,
     ServerCommand,
     build_command,
+    checkout_sources,
     patch_option_problem,
     queued_options,
     resolve_model,
@@ -122,7 +123,9 @@ def plan(
     source = project.checkout_dir / "mlx_lm" / "server.py"
     known = source.read_text("utf-8") if source.is_file() else ""
     problem = upstream_option_problem(command, known)
-    problem = problem or patch_option_problem(command, known, queued_options(project))
+    if problem is None and source.is_file():
+        known = checkout_sources(project)
+        problem = patch_option_problem(command, known, queued_options(project))
     if problem:
         raise UserError(problem)
     verdict = guard.config_verdict(config, model, reading)
