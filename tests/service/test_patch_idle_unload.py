@@ -270,9 +270,11 @@ def test_status_says_idle_and_for_how_long(patched_runtime, demo_model, tmp_path
     assert shown["activity"] == "idle (model unloaded)"
     assert shown["activity_seconds"] >= 1
     assert shown["metrics"]["model_state"] == "unloaded"
-    assert shown["metrics"]["idle_unloads"] == 1
+    # The clock starts at the load: a slow box may unload before the chat and reload for it.
+    unloads, reloads = shown["metrics"]["idle_unloads"], shown["metrics"]["idle_reloads"]
+    assert unloads >= 1 and reloads == unloads - 1
     assert "running, idle (model unloaded) for 0:00:0" in panel
-    assert "after 2 s without a request; 1 unloads, 0 reloads" in panel
+    assert f"after 2 s without a request; {unloads} unloads, {reloads} reloads" in panel
 
 
 def test_a_distributed_group_refuses_it_with_one_line(patched_runtime, demo_model):
