@@ -127,8 +127,10 @@ def test_memory_falls_to_a_server_that_loaded_nothing(patched_runtime, wide_mode
 
         assert process.poll() is None  # the same process (pid) throughout
         assert after["state"] == "unloaded"
-        assert after["mlx_lm_idle_unloads_total"] == 1
-        assert after["mlx_lm_idle_reloads_total"] == 0
+        # One unload after the chat, no load since (a slow box may also have unloaded once
+        # between the start and the chat, which then loaded it again).
+        assert after["mlx_lm_idle_unloads_total"] == loaded_figures["mlx_lm_idle_unloads_total"] + 1
+        assert after["mlx_lm_idle_reloads_total"] == loaded_figures["mlx_lm_idle_reloads_total"]
         assert idle["mlx_lm_memory_active_bytes"] <= RANDOM_KEYS
         assert after["mlx_lm_memory_active_bytes"] <= RANDOM_KEYS
         assert after["mlx_lm_memory_cache_bytes"] == 0
@@ -138,7 +140,7 @@ def test_memory_falls_to_a_server_that_loaded_nothing(patched_runtime, wide_mode
         )
         text = log.read_text()
         assert "Idle: unloaded the model after" in text
-        assert "Idle: loaded the model again" not in text
+        assert text.count("Idle: loaded the model again") == after["mlx_lm_idle_reloads_total"]
     assert process.returncode == 0  # SIGTERM while unloaded: a clean stop
 
 
@@ -162,7 +164,7 @@ def test_next_turn_after_an_unload_comes_from_disk_with_the_same_answer(
         assert process.poll() is None
 
     assert reply["choices"][0]["message"] == reference["choices"][0]["message"]
-    assert after["mlx_lm_idle_reloads_total"] == 1
+    assert after["mlx_lm_idle_reloads_total"] == before["mlx_lm_idle_reloads_total"] + 1
     prompt = reply["usage"]["prompt_tokens"]
     cached = reply["usage"]["prompt_tokens_details"]["cached_tokens"]
     shared = shared_prefix(patched_runtime.python, demo_model, first, second)
@@ -172,7 +174,9 @@ def test_next_turn_after_an_unload_comes_from_disk_with_the_same_answer(
         - (before["mlx_lm_prompt_tokens_processed_total"])
     )
     assert processed == prompt - cached <= prompt - shared  # only the new tokens
-    assert after["mlx_lm_prompt_cache_disk_loaded_total"] == 1
+    assert after["mlx_lm_prompt_cache_disk_loaded_total"] == (
+        before["mlx_lm_prompt_cache_disk_loaded_total"] + 1
+    )
     assert "Prompt cache disk: loaded" in log.read_text()
 
 
@@ -185,7 +189,7 @@ def test_a_burst_at_the_moment_of_unload_is_served_after_one_load(
     with server_process(patched_runtime.python, args) as (process, url, log):
         chat(url, conversation("Project Gamma"))
         # The unload begins: 20 requests of three APIs at once, while it runs or right after.
-        while metrics(url)["state"] == "loaded":
+        while (before := metrics(url))["state"] == "loaded":
             time.sleep(0.01)
         requests = loadtest.make_requests(20, malformed_every=0, max_tokens=6, apis=apis)
         report = loadtest.run_load(url, requests, concurrency=20)
@@ -194,10 +198,16 @@ def test_a_burst_at_the_moment_of_unload_is_served_after_one_load(
 
     assert report.answered_200 == 20, [o.detail for o in report.outcomes if not o.correct]
     assert figures["state"] == "loaded"
-    assert figures["mlx_lm_idle_unloads_total"] == 1
-    assert figures["mlx_lm_idle_reloads_total"] == 1  # one load for the whole burst
+    assert figures["mlx_lm_idle_unloads_total"] == before["mlx_lm_idle_unloads_total"] + (
+        before["state"] == "unloading"
+    )
+    # one load for the whole burst
+    assert figures["mlx_lm_idle_reloads_total"] == before["mlx_lm_idle_reloads_total"] + 1
     assert figures["mlx_lm_idle_waited_requests_total"] >= 1
-    assert log.read_text().count("Idle: loaded the model again") == 1
+    assert (
+        log.read_text().count("Idle: loaded the model again")
+        == (figures["mlx_lm_idle_reloads_total"])
+    )
 
 
 def test_a_model_gone_while_idle_fails_the_waiting_requests_and_exits_1(patched_runtime, tmp_path):
