@@ -101,11 +101,34 @@ def settled_rss(pid: int) -> int:
     return last
 
 
+def anon_rss(pid: int) -> int | None:
+    """The process's own data in memory (RssAnon: heap, anonymous mappings, stacks), without
+    the file-backed pages of its libraries' code; None where /proc does not say."""
+    status = Path(f"/proc/{pid}/status")
+    if not status.is_file():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def bad_post(url: str) -> None:
+    """A malformed chat request (400): the server imports its request handlers, no model."""
+    request = urllib.request.Request(f"{url}/v1/chat/completions", b"{", {})
+    try:
+        urllib.request.urlopen(request, timeout=30)
+    except urllib.error.HTTPError as error:
+        assert error.code == 400
+
+
 def test_memory_falls_to_a_server_that_loaded_nothing(patched_runtime, wide_model, tmp_path):
     common = ["--idle-unload", IDLE, "--prompt-cache-dir", str(tmp_path / "pc")]
     with server_process(patched_runtime.python, common) as (process, url, _):
         assert get(url, "/health") == 200
+        bad_post(url)  # like the other, it has answered a POST (its handlers' code imported)
         baseline = settled_rss(process.pid)
+        baseline_anon = anon_rss(process.pid)
 
     weights = (wide_model / "model.safetensors").stat().st_size
     args = ["--model", str(wide_model), *common]
@@ -124,6 +147,7 @@ def test_memory_falls_to_a_server_that_loaded_nothing(patched_runtime, wide_mode
         time.sleep(1)
         after = metrics(url)
         unloaded = settled_rss(process.pid)
+        unloaded_anon = anon_rss(process.pid)
 
         assert process.poll() is None  # the same process (pid) throughout
         assert after["state"] == "unloaded"
@@ -134,10 +158,17 @@ def test_memory_falls_to_a_server_that_loaded_nothing(patched_runtime, wide_mode
         assert idle["mlx_lm_memory_active_bytes"] <= RANDOM_KEYS
         assert after["mlx_lm_memory_active_bytes"] <= RANDOM_KEYS
         assert after["mlx_lm_memory_cache_bytes"] == 0
-        assert unloaded <= baseline * 1.15, (
-            f"RSS idle {unloaded >> 20} MiB, a server that loaded nothing {baseline >> 20} MiB, "
+        shown = (
+            f"RSS idle {unloaded >> 20} MiB (own data {(unloaded_anon or 0) >> 20} MiB), a server "
+            f"that loaded nothing {baseline >> 20} MiB ({(baseline_anon or 0) >> 20} MiB), "
             f"loaded {loaded >> 20} MiB"
         )
+        # The process's own data is back within 15% of a server that loaded nothing. Its whole
+        # RSS also counts the code of libmlx's CPU kernels and of the tokenizers library that
+        # the first request paged in (clean file pages, ~7 MiB here): 1.10-1.15x in runs here.
+        if baseline_anon is not None and unloaded_anon is not None:
+            assert unloaded_anon <= baseline_anon * 1.15, shown
+        assert unloaded <= baseline * 1.20, shown
         text = log.read_text()
         assert "Idle: unloaded the model after" in text
         assert text.count("Idle: loaded the model again") == after["mlx_lm_idle_reloads_total"]
