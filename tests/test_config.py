@@ -113,8 +113,26 @@ def test_conflicting_and_incomplete_settings(proj: Project) -> None:
     text = 'api_key = "a"\napi_key_env = "B"\nkv_group_size = 64\n'
     message = problems_of(proj, text + "prompt_cache_dir = false\nprompt_cache_dir_bytes = 9\n")
     assert "api_key and api_key_env are both set" in message
-    assert "prompt_cache_dir_bytes is set but prompt_cache_dir is off" in message
     assert "kv_group_size is set without kv_bits" in message
+    assert "2 problem(s)" in message  # the budget of a disk cache that is off is no problem
+
+
+def test_a_disk_budget_alone_never_blocks(proj: Project) -> None:
+    """prompt_cache_dir_bytes only qualifies prompt_cache_dir: with the disk tier off it has
+    no effect (a note in `config check`), never a refusal; a bad value is still one."""
+    write_user(proj, 'prompt_cache_dir = false\nprompt_cache_dir_bytes = "2G"\n')
+    loaded = config.load(proj)
+    assert "prompt_cache_dir_bytes" not in loaded.options
+    assert loaded.notes == ("prompt_cache_dir_bytes has no effect: the disk prompt cache is off",)
+    checked = run_cli(["config", "check", "--no-probe"], proj.root)
+    assert checked.returncode == 0, checked.stderr
+    assert "note: prompt_cache_dir_bytes has no effect" in checked.stdout
+    assert "--prompt-cache-dir" not in checked.stdout
+    bad = problems_of(proj, "prompt_cache_dir = false\nprompt_cache_dir_bytes = 0\n")
+    assert "prompt_cache_dir_bytes = 0 is not allowed" in bad
+    write_user(proj, "prompt_cache_dir_bytes = 2048\n")  # qualifying the default folder
+    loaded = config.load(proj)
+    assert loaded.options["prompt_cache_dir_bytes"] == 2048 and loaded.notes == ()
 
 
 def test_invalid_toml_is_one_clear_error(proj: Project) -> None:

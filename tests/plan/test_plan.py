@@ -449,6 +449,6 @@ def test_an_older_base_without_prompt_cache_bytes_is_told_what_to_do(
     assert "update-upstream" in result.stderr
 
 
-def test_readme_documents_plan() -> None:
-    readme = (REPO_ROOT / "README.md").read_text()
+def test_docs_document_plan() -> None:
+    readme = (REPO_ROOT / "docs" / "memory.md").read_text()
     assert "mlx-local plan" in readme and "prompt_cache_bytes" in readme

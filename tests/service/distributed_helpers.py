@@ -9,6 +9,7 @@ the real /usr/bin/ssh with `-F` and the test's client config (port, key, no know
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.helpers import free_port, run_cli
+from tests.helpers import REPO_ROOT, free_port, run_cli
 
 SSHD = Path("/usr/sbin/sshd")
 REMOTE = "127.0.0.2"  # a loopback address that only sshd answers on: ranks there use ssh
@@ -163,3 +164,74 @@ def processes_with(text: str) -> list[str]:
 def kill(pid: int) -> None:
     """SIGKILL `pid` (one rank: the crash the group must not survive)."""
     os.kill(pid, signal.SIGKILL)
+
+
+def readme_group_table() -> str:
+    """The manual's [distributed] example, verbatim: the first ```toml block of
+    docs/distributed.md (so the tests fail when the docs drift from what works)."""
+    section = (REPO_ROOT / "docs" / "distributed.md").read_text("utf-8")
+    start = section.index("```toml\n") + len("```toml\n")
+    table = section[start : section.index("```", start)]
+    assert table.startswith("[distributed]\nhosts = ["), table
+    return table
+
+
+def readme_group_config(root: Path, env: dict[str, str], edits: dict[str, str], hosts: str) -> str:
+    """What a new user does: `mlx-local config init`, their own values of some keys
+    (`edits`: key -> TOML value, replacing that key's line of the file), then the README's
+    table appended with this box's `hosts` and a free starting port. Returns the file."""
+    created = run_cli(["config", "init"], root, env=env)
+    assert created.returncode == 0, created.stderr
+    path = root / "config.toml"
+    text = path.read_text("utf-8")
+    for key, value in edits.items():
+        text, count = re.subn(rf"^{key} = .*$", f"{key} = {value}", text, count=1, flags=re.M)
+        assert count == 1, f"config init wrote no {key} line"
+    table = readme_group_table()
+    table, count = re.subn(r"^hosts = \[[^]]*\]", f"hosts = {hosts}", table, flags=re.M)
+    assert count == 1, table
+    port = f"starting_port = {free_port_block()}"
+    table, count = re.subn(r"^# starting_port = \d+", port, table, flags=re.M)
+    assert count == 1, table
+    path.write_text(text + table, "utf-8")
+    return path.read_text("utf-8")
+
+
+def upstream_checkout(root: Path, upstream_repo: Path) -> None:
+    """root/mlx-lm-repo/mlx_lm/server.py of the pinned upstream release itself (from the
+    stand-in upstream, no patches): a server that does not keep the disk prompt cache per
+    rank."""
+    pin = (REPO_ROOT / "patches" / "upstream.toml").read_text().split('pin = "')[1].split('"')[0]
+    source = subprocess.run(
+        ["git", "-C", str(upstream_repo), "show", f"{pin}:mlx_lm/server.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    checkout = root / "mlx-lm-repo"
+    if checkout.is_symlink():
+        checkout.unlink()
+    (checkout / "mlx_lm").mkdir(parents=True)
+    (checkout / "mlx_lm" / "server.py").write_text(source)
+
+
+# What each rank of a group logs about its disk tier (patch 0005): "... on rank R of N".
+SAVED = re.compile(r"Prompt cache disk: saved (\d+) tokens .* on rank (\d+) of (\d+)$", re.M)
+LOADED = re.compile(r"Prompt cache disk: loaded (\d+) tokens .* on rank (\d+) of (\d+)\)$", re.M)
+
+
+def disk_log(root: Path, pattern: re.Pattern[str]) -> list[tuple[int, int, int]]:
+    """(tokens, rank, size) of each SAVED or LOADED line of the project's server log."""
+    log = root / "logs" / "server.log"
+    text = log.read_text("utf-8") if log.is_file() else ""
+    return [tuple(int(g) for g in match) for match in pattern.findall(text)]
+
+
+def wait_for(condition, timeout: float = 60) -> bool:
+    """Poll `condition` until it is true or `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()

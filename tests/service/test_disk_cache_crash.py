@@ -19,12 +19,23 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import server_process
-from tests.service.test_patch_prompt_cache_dir import chat, conversation, next_turn, shared_prefix
+from tests.service.test_patch_prompt_cache_dir import (
+    BLOCK,
+    LOADED,
+    LONG,
+    SAVED,
+    answer,
+    blocks_of,
+    chat,
+    conversation,
+    metadata,
+    next_turn,
+    serve_once,
+    shared_prefix,
+)
 
 pytestmark = pytest.mark.slow
 
-SAVED = re.compile(r"Prompt cache disk: saved (\d+) tokens to (\S+)")
-LOADED = re.compile(r"Prompt cache disk: loaded (\d+) tokens from (\S+)")
 IGNORED = re.compile(r"Prompt cache disk: (SIGTERM|SIGINT) ignored: already shutting down")
 
 
@@ -32,7 +43,7 @@ def wait_for_save(log_path: Path, min_tokens: int, timeout: float = 60) -> int:
     """Poll the log until an entry of at least `min_tokens` tokens is saved; its size."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        sizes = [int(n) for n, _ in SAVED.findall(log_path.read_text())]
+        sizes = [int(m[0]) for m in SAVED.findall(log_path.read_text())]
         if sizes and max(sizes) >= min_tokens:
             return max(sizes)
         time.sleep(0.1)
@@ -81,10 +92,60 @@ def test_kill_9_after_a_turn_keeps_the_turn(patched_runtime, demo_model, tmp_pat
         os.killpg(process.pid, signal.SIGKILL)
         assert process.wait(30) == -signal.SIGKILL
 
-    files = cache_files(folder)
-    assert len(files) == 1, files
-    assert stored_tokens(python, files[0]) == saved
+    # the blocks and the tail of the turn, every file loadable, together the turn
+    assert sum(stored_tokens(python, p) for p in cache_files(folder)) == saved
     assert_next_turn_from_disk(python, demo_model, args, messages, reply)
+
+
+def test_kill_9_while_blocks_are_written(patched_runtime, demo_model, tmp_path):
+    folder = tmp_path / "prompt-cache"
+    args = ["--prompt-cache-dir", str(folder)]
+    python = patched_runtime.python
+    messages = conversation("Project Lima", LONG + LONG)
+    with server_process(python, ["--model", str(demo_model), *args]) as (process, url, log):
+        reply = chat(url, messages)
+        # kill the server as soon as the writer is inside the chain: a temporary file, or
+        # some of the blocks but not the tail on disk yet
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            names = [p.name for p in folder.rglob("*.safetensors")]
+            if any(n.startswith(".tmp-") for n in names) or any(n.startswith("b-") for n in names):
+                break
+        os.killpg(process.pid, signal.SIGKILL)
+        assert process.wait(30) == -signal.SIGKILL
+    done = [p for p in cache_files(folder)]
+    starts = sorted(int(metadata(p)["start"]) for p in blocks_of(folder))
+    assert starts == [i * BLOCK for i in range(len(starts))]  # a chain from the start
+    for path in done:
+        stored_tokens(python, path)  # every complete file loads
+
+    # the next start loads what the chain has (or nothing) and answers as a cold server
+    second = next_turn(messages, reply)
+    reply2, text = serve_once(python, demo_model, args, second)
+    loaded = LOADED.search(text)
+    cached = reply2["usage"]["prompt_tokens_details"]["cached_tokens"]
+    if starts:
+        assert loaded and cached == int(loaded.group(1)) >= len(starts) * BLOCK, text[-3000:]
+    cold, _ = serve_once(python, demo_model, [], second)
+    assert answer(reply2) == answer(cold)
+    assert "unreadable" not in text
+
+
+def test_deleted_block_uses_the_chain_up_to_it(patched_runtime, demo_model, tmp_path):
+    folder = tmp_path / "prompt-cache"
+    args = ["--prompt-cache-dir", str(folder)]
+    python = patched_runtime.python
+    messages = conversation("Project Mike", LONG)
+    reply, _ = serve_once(python, demo_model, args, messages)
+    chain = sorted(blocks_of(folder), key=lambda p: int(metadata(p)["start"]))
+    chain[3].unlink()
+    second = next_turn(messages, reply)
+    reply2, text = serve_once(python, demo_model, args, second)
+    loaded = LOADED.search(text)
+    assert loaded and int(loaded.group(1)) == 3 * BLOCK, text[-3000:]
+    assert reply2["usage"]["prompt_tokens_details"]["cached_tokens"] == 3 * BLOCK
+    cold, _ = serve_once(python, demo_model, [], second)
+    assert answer(reply2) == answer(cold)
 
 
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
@@ -110,8 +171,8 @@ def test_second_signal_during_shutdown_is_harmless(patched_runtime, demo_model, 
     assert set(IGNORED.findall(text)) <= {"SIGTERM", second.name}
     assert "Prompt cache disk: 0 saved" not in text
 
-    (saved,) = cache_files(folder)
-    assert stored_tokens(python, saved) >= reply["usage"]["prompt_tokens"]
+    held = sum(stored_tokens(python, p) for p in cache_files(folder))
+    assert held >= reply["usage"]["prompt_tokens"]
     assert_next_turn_from_disk(python, demo_model, args, messages, reply)
 
 

@@ -19,18 +19,24 @@ import pytest
 
 from mlx_local import processes
 from mlx_local.models.demo_variant import build_variant
-from mlx_local.service import process
-from tests.helpers import REPO_ROOT, VENV_BIN
+from mlx_local.project import Project
+from mlx_local.service import group_disk, process
+from tests.helpers import VENV_BIN
 from tests.service.distributed_helpers import (
     DEAD,
+    LOADED,
     REMOTE,
+    SAVED,
     GroupProject,
     Sshd,
+    disk_log,
     kill,
     make_group_project,
     processes_with,
     running_sshd,
     sshd_missing,
+    upstream_checkout,
+    wait_for,
 )
 
 KEY = "group-key-1"
@@ -133,6 +139,7 @@ def test_three_ranks_pipeline_a_dead_rank_stops_the_group(
         f'hosts = ["127.0.0.1", "{REMOTE}", "127.0.0.1"]\nmode = "pipeline"',
         f'api_key = "{KEY}"',
     )
+    per_rank_disk = group_disk.server_keeps_ranks(Project(group.root))
     # `serve --log` is what systemd and launchd run; they restart it when it exits non-zero
     serve = subprocess.Popen(
         [str(VENV_BIN / "mlx-local"), "serve", "--log"],
@@ -147,6 +154,8 @@ def test_three_ranks_pipeline_a_dead_rank_stops_the_group(
         first = chat(group, "one two three four five six seven")
         assert first.usage.completion_tokens > 0
         assert [r["alive"] for r in status(group)["ranks"]] == [True, True, True]
+        if per_rank_disk:  # every rank has written its shard of the first turn
+            assert wait_for(lambda: len(disk_log(group.root, SAVED)) == 3)
         kill(group.pid_of_rank(1))  # the rank on the ssh host
         assert serve.wait(60) == 1
     finally:
@@ -160,9 +169,13 @@ def test_three_ranks_pipeline_a_dead_rank_stops_the_group(
     assert restarted.returncode == 0, restarted.stdout + restarted.stderr
     again = chat(group, "one two three four five six seven")
     assert again.usage.completion_tokens > 0
-    # no disk prompt cache under a group: the first turn after the restart is cold...
-    assert again.usage.prompt_tokens_details.cached_tokens == 0
-    # ...and the in-memory cache of every rank serves the next turn
+    assert again.choices[0].message.content == first.choices[0].message.content
+    if per_rank_disk:  # the crashed group's disk tier serves the first turn on every rank
+        assert again.usage.prompt_tokens_details.cached_tokens > 0
+        assert sorted(rank for _, rank, _ in disk_log(group.root, LOADED)) == [0, 1, 2]
+    else:  # no disk prompt cache: the first turn after the restart is cold
+        assert again.usage.prompt_tokens_details.cached_tokens == 0
+    # the in-memory cache of every rank serves the next turn
     warm = chat(group, "one two three four five six seven")
     assert warm.usage.prompt_tokens_details.cached_tokens > 0
     assert_stops_cleanly(group)
@@ -180,19 +193,25 @@ def parent_command(pid: int) -> str:
     return parent.stdout
 
 
-def test_disk_prompt_cache_is_refused_in_a_group(tmp_path: Path, demo_model: Path) -> None:
-    proj = make_group_project(tmp_path, REPO_ROOT, VENV_BIN / "python", None)
+def test_an_older_server_keeps_the_default_off_and_refuses_a_folder(
+    tmp_path: Path, patched_runtime, stand_in_upstream: Path, demo_model: Path
+) -> None:
+    """A checkout whose server does not keep the disk prompt cache per rank (the pinned
+    upstream's server.py): the default tier is off in a group, an explicit folder one line."""
+    proj = make_group_project(tmp_path, patched_runtime.root, patched_runtime.python, None)
+    upstream_checkout(proj.root, stand_in_upstream)
     proj.write_config(demo_model, 'hosts = ["127.0.0.1", "127.0.0.1"]')
     checked = proj.cli("config", "check", "--no-probe")
     assert checked.returncode == 0, checked.stderr
-    assert "--prompt-cache-dir" not in checked.stdout  # the default is off under a group
+    assert "--prompt-cache-dir" not in checked.stdout
+    assert "note: the disk prompt cache is off" in checked.stdout
     proj.write_config(
         demo_model, 'hosts = ["127.0.0.1", "127.0.0.1"]', 'prompt_cache_dir = ".cache/pc"'
     )
     refused = proj.cli("start")
     assert refused.returncode != 0
-    assert "prompt_cache_dir is set but [distributed] is on" in refused.stderr
-    assert "allowed: prompt_cache_dir = false" in refused.stderr
+    assert refused.stderr.startswith("error: prompt_cache_dir is set but [distributed] is on")
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert processes_with(f"--port {proj.port} ") == []
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import struct
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -19,8 +21,13 @@ from tests.helpers import running_server
 pytestmark = pytest.mark.slow
 
 SYSTEM = corpus_text()[:1200]
-LOADED = re.compile(r"Prompt cache disk: loaded (\d+) tokens from (\S+)")
-SAVED = re.compile(r"Prompt cache disk: saved (\d+) tokens to (\S+)")
+LONG = corpus_text()[:6000]  # a system prompt of several blocks
+BLOCK = 256  # tokens a block holds (prompt_cache_blocks.BLOCK_TOKENS)
+LOADED = re.compile(r"Prompt cache disk: loaded (\d+) tokens from (\S+) \((\d+) files")
+SAVED = re.compile(
+    r"Prompt cache disk: saved (\d+) tokens to (\S+) \((\d+) new files of (\d+) blocks"
+    r" \+ tail, (\d+) bytes"
+)
 
 
 def chat(base_url: str, messages: list[dict]) -> dict:
@@ -33,11 +40,34 @@ def chat(base_url: str, messages: list[dict]) -> dict:
         return json.loads(response.read())
 
 
-def conversation(topic: str) -> list[dict]:
+def conversation(topic: str, system: str = SYSTEM) -> list[dict]:
     return [
-        {"role": "system", "content": f"{topic}\n{SYSTEM}"},
+        {"role": "system", "content": f"{topic}\n{system}"},
         {"role": "user", "content": "Summarise the notes."},
     ]
+
+
+def answer(reply: dict) -> str:
+    return reply["choices"][0]["message"]["content"]
+
+
+def metric(url: str, name: str) -> float:
+    """One sample of GET /metrics (without labels)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    match = re.search(rf"^mlx_lm_{name} (\S+)$", text, re.M)
+    assert match, text
+    return float(match.group(1))
+
+
+def wait_written(url: str, timeout: float = 60) -> None:
+    """Until the disk tier has nothing pending (a checkpoint is due within 5 s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metric(url, "prompt_cache_disk_pending") == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the disk tier kept writing")
 
 
 def next_turn(messages: list[dict], reply: dict) -> list[dict]:
@@ -74,6 +104,22 @@ def cache_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*.safetensors") if not p.name.startswith(".tmp-"))
 
 
+def blocks_of(folder: Path) -> list[Path]:
+    return [p for p in cache_files(folder) if p.name.startswith("b-")]
+
+
+def tails_of(folder: Path) -> list[Path]:
+    return [p for p in cache_files(folder) if p.name.startswith("t")]
+
+
+def metadata(path: Path) -> dict[str, str]:
+    """The metadata of a block or tail file (its safetensors header, read as bytes)."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    meta = json.loads(data[8 : 8 + length]).get("__metadata__", {})
+    return {k.split(".", 1)[-1]: v for k, v in meta.items() if k.startswith("0.")}
+
+
 def serve_once(python: Path, model: Path, args: list[str], messages: list[dict]) -> tuple:
     """Start a server, send one chat, stop it cleanly; (reply, the server's log text)."""
     with running_server(python, ["--model", str(model), *args]) as (url, log):
@@ -87,22 +133,30 @@ def test_restart_serves_the_next_turn_from_disk(patched_runtime, demo_model, tmp
     first = conversation("Project Alpha")
     reply, log = serve_once(patched_runtime.python, demo_model, args, first)
     assert SAVED.search(log), log[-2000:]
-    files = cache_files(folder)
-    assert len(files) == 1
+    (model_folder,) = [p for p in folder.iterdir() if p.is_dir()]
+    identity = json.loads((model_folder / "identity.json").read_text())
+    assert identity["block_tokens"] == BLOCK and identity["size"] == 1
+    assert str(demo_model.resolve()) in json.dumps(identity)
 
-    # The file is mlx-lm's own prompt cache format, with the tokens in its metadata.
+    # Each file is mlx-lm's own prompt cache format: a block holds BLOCK tokens of every
+    # layer, the tail the rest; together the tokens of the turn.
     code = (
         "import json, sys; from mlx_lm.models.cache import load_prompt_cache; "
         "c, m = load_prompt_cache(sys.argv[1], return_metadata=True); "
         "print(len(c), c[0].offset, len(json.loads(m['tokens'])))"
     )
-    shown = subprocess.run(
-        [str(patched_runtime.python), "-c", code, str(files[0])],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    assert shown[0] == "2" and shown[1] == shown[2]
+    held = 0
+    for path in cache_files(folder):
+        shown = subprocess.run(
+            [str(patched_runtime.python), "-c", code, str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        assert shown[0] == "2" and shown[1] == shown[2]
+        assert path.name.startswith("t") or int(shown[1]) == BLOCK
+        held += int(shown[1])
+    assert held == int(SAVED.findall(log)[-1][0])
 
     second = next_turn(first, reply)
     reply2, log2 = serve_once(patched_runtime.python, demo_model, args, second)
@@ -123,7 +177,7 @@ def test_caches_of_another_model_or_setting_are_ignored(patched_runtime, demo_mo
     args = ["--prompt-cache-dir", str(folder)]
     first = conversation("Project Beta")
     reply, _ = serve_once(patched_runtime.python, demo_model, args, first)
-    (own_file,) = cache_files(folder)
+    own_file = cache_files(folder)[0]
     follow_up = next_turn(first, reply)
 
     # Same tokenizer and prompt, other weights: never loaded, never removed.
@@ -142,28 +196,59 @@ def test_caches_of_another_model_or_setting_are_ignored(patched_runtime, demo_mo
     shutil.copy(own_file, other_folder / f"copied-{own_file.name}")
     _, log = serve_once(patched_runtime.python, other, args, follow_up)
     assert f"ignoring copied-{own_file.name}: made for another model or setting" in log
-    assert f"copied-{own_file.name}" not in {name for _, name in LOADED.findall(log)}
+    assert f"copied-{own_file.name}" not in {name for _, name, _ in LOADED.findall(log)}
 
 
-def test_truncated_file_is_removed_with_a_warning(patched_runtime, demo_model, tmp_path):
+def test_old_whole_entry_folders_are_removed_at_first_start(patched_runtime, demo_model, tmp_path):
+    folder = tmp_path / "prompt-cache"
+    old = folder / "0123456789abcdef"
+    old.mkdir(parents=True)
+    code = (
+        "import sys, json, mlx.core as mx; from mlx_lm.models.cache import KVCache, "
+        "save_prompt_cache; c = KVCache(); c.update_and_fetch(mx.zeros((1, 2, 8, 4)), "
+        "mx.zeros((1, 2, 8, 4))); save_prompt_cache(sys.argv[1], [c], "
+        "{'tokens': json.dumps(list(range(8))), 'identity': '{}'})"
+    )
+    entry = old / "0123456789abcdef01234567.safetensors"
+    subprocess.run([str(patched_runtime.python), "-c", code, str(entry)], check=True)
+    _, log = serve_once(
+        patched_runtime.python,
+        demo_model,
+        ["--prompt-cache-dir", str(folder)],
+        conversation("Project Old"),
+    )
+    assert "removed 1 whole-entry files of the format before blocks" in log, log[-2000:]
+    assert not old.exists()
+    assert SAVED.search(log)
+
+
+def test_truncated_block_ends_the_chain_there(patched_runtime, demo_model, tmp_path):
     folder = tmp_path / "prompt-cache"
     args = ["--prompt-cache-dir", str(folder)]
-    first = conversation("Project Gamma")
+    first = conversation("Project Gamma", LONG)
     reply, _ = serve_once(patched_runtime.python, demo_model, args, first)
-    (saved,) = cache_files(folder)
-    data = saved.read_bytes()
-    saved.write_bytes(data[: len(data) // 2])
+    chain = sorted(blocks_of(folder), key=lambda p: int(metadata(p)["start"]))
+    assert len(chain) >= 4
+    bad = chain[2]
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
 
-    _, log = serve_once(patched_runtime.python, demo_model, args, next_turn(first, reply))
-    assert re.search(rf"WARNING - Prompt cache disk: removed unreadable file {saved.name}", log)
-    assert not LOADED.search(log)
-    assert not saved.exists()
-    assert len(cache_files(folder)) == 1  # the new turn
+    second = next_turn(first, reply)
+    reply2, log = serve_once(patched_runtime.python, demo_model, args, second)
+    assert re.search(rf"WARNING - Prompt cache disk: removed unreadable file {bad.name}", log)
+    loaded = LOADED.search(log)
+    assert loaded and int(loaded.group(1)) == 2 * BLOCK, log[-3000:]
+    assert reply2["usage"]["prompt_tokens_details"]["cached_tokens"] == 2 * BLOCK
+    # the answer is the one a cold server gives
+    cold, _ = serve_once(patched_runtime.python, demo_model, [], second)
+    assert answer(reply2) == answer(cold)
+    # the block was written again by that turn
+    assert bad.exists() and len(blocks_of(folder)) >= len(chain)
 
 
-def test_byte_budget_removes_the_oldest_first(patched_runtime, demo_model, tmp_path):
+def test_byte_budget_removes_chains_from_their_tips(patched_runtime, demo_model, tmp_path):
     folder = tmp_path / "prompt-cache"
-    budget = 400_000  # about two entries of this size
+    budget = 2_000_000  # the shared prefix and two or three sessions of their own
     args = [
         "--prompt-cache-dir",
         str(folder),
@@ -172,22 +257,34 @@ def test_byte_budget_removes_the_oldest_first(patched_runtime, demo_model, tmp_p
         "--prompt-cache-size",
         "1",
     ]
+    shared_blocks: set[str] = set()
     with running_server(patched_runtime.python, ["--model", str(demo_model), *args]) as (
         url,
         log_path,
     ):
-        for topic in ("One", "Two", "Three", "Four", "Five"):
-            chat(url, conversation(f"Project {topic}"))
+        for i, topic in enumerate(("One", "Two", "Three", "Four", "Five", "Six", "Seven")):
+            # every session shares the long system prompt, then goes its own way
+            messages = [
+                {"role": "system", "content": LONG},
+                {
+                    "role": "user",
+                    "content": f"Project {topic}: {corpus_text()[i * 700 : i * 700 + 900]}",
+                },
+            ]
+            chat(url, messages)
+            wait_written(url)
+            files = cache_files(folder)
+            assert sum(p.stat().st_size for p in files) <= budget
+            starts = {p.name: int(metadata(p)["start"]) for p in blocks_of(folder)}
+            if i == 0:
+                shared_blocks = {n for n, s in starts.items() if s + BLOCK <= 4 * BLOCK}
+            assert shared_blocks <= set(starts), f"a shared block was removed at session {i}"
     log = log_path.read_text()
-    # Each conversation is saved as it goes (a checkpoint may precede its final entry).
-    saved = {name: i for i, (_, name) in enumerate(SAVED.findall(log))}
     removed = re.findall(r"Prompt cache disk: removed (\S+) \(\d+ bytes\) to stay within", log)
-    assert len(saved) >= 5, log[-3000:]
-    remaining = cache_files(folder)
-    assert removed and {p.name for p in remaining}.isdisjoint(removed)
-    assert sum(p.stat().st_size for p in remaining) <= budget
-    assert max(saved[name] for name in removed) < min(saved[p.name] for p in remaining)
-    assert max(saved, key=saved.get) in {p.name for p in remaining}
+    assert removed, log[-3000:]
+    assert shared_blocks.isdisjoint(removed)
+    # the newest session is whole: its tail is on disk
+    assert tails_of(folder)
 
 
 def test_bad_budget_fails_at_start(patched_runtime, tmp_path):

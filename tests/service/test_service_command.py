@@ -46,6 +46,7 @@ decode_concurrency = 4
 prompt_concurrency = 2
 log_level = "DEBUG"
 api_key = "s3cret"
+thinking_budget = 64
 
 [chat_template_args]
 enable_thinking = false
@@ -79,6 +80,7 @@ EXPECTED = [
     ("--prompt-concurrency", "2"),
     ("--log-level", "DEBUG"),
     ("--chat-template-args", '{"enable_thinking":false}'),
+    ("--thinking-budget", "64"),
 ]
 
 

@@ -228,6 +228,11 @@ SERVER_KEYS: dict[str, Key] = {
         "give the model's memory back after this long without a request; false = never",
     ),
     "chat_template_args": Key(_table, "--chat-template-args", "arguments for the chat template"),
+    "thinking_budget": Key(
+        _int(0),
+        "--thinking-budget",
+        "tokens a response may spend in its reasoning block before the server closes it",
+    ),
     "chat_template": Key(_text(), "--chat-template", "a chat template instead of the model's"),
     "use_default_chat_template": Key(_bool, "--use-default-chat-template", "tokenizer default"),
     "trust_remote_code": Key(_bool, "--trust-remote-code", "trust the tokenizer's remote code"),
@@ -289,6 +294,8 @@ class Config:
     options: dict[str, Any]
     service: ServiceSettings
     distributed: config_distributed.Distributed | None = None
+    notes: tuple[str, ...] = ()  # settings without effect (`config check` shows them)
+    explicit: frozenset[str] = frozenset()  # top-level keys the user's file sets off default
 
     @property
     def model(self) -> str:
@@ -356,10 +363,6 @@ def validate(data: dict[str, Any], root: Path | None = None) -> list[str]:
         problems.append(
             f"{' and '.join(key_sources)} are {together} set; allowed: at most one of them"
         )
-    if "prompt_cache_dir_bytes" in data and data.get("prompt_cache_dir", False) is False:
-        problems.append(
-            "prompt_cache_dir_bytes is set but prompt_cache_dir is off; allowed: set both"
-        )
     if "kv_group_size" in data and "kv_bits" not in data:
         problems.append("kv_group_size is set without kv_bits; allowed: set kv_bits as well")
     if "distributed" in data and data.get("idle_unload", False) is not False:
@@ -375,12 +378,8 @@ def validate(data: dict[str, Any], root: Path | None = None) -> list[str]:
 
 
 def merge(defaults: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
-    """User values over defaults; the [service] table merges key by key. Turning the disk
-    prompt cache off (`prompt_cache_dir = false`) also drops the default byte budget."""
+    """User values over defaults; the [service] table merges key by key."""
     merged = {**defaults, **user}
-    if user.get("prompt_cache_dir") is False and "prompt_cache_dir_bytes" not in user:
-        merged.pop("prompt_cache_dir_bytes", None)
-    config_distributed.drop_disk_cache_default(merged, user)
     if isinstance(defaults.get("service"), dict) and isinstance(user.get("service"), dict):
         merged["service"] = {**defaults["service"], **user["service"]}
     return merged
@@ -409,7 +408,8 @@ def load(project: Project, path: Path | None = None) -> Config:
     if path is None:
         ensure_user_config(project)
         path = project.user_config_file
-    data = merge(defaults, _read_toml(path))
+    user = _read_toml(path)
+    data = merge(defaults, user)
     problems = validate(data, project.root)
     if problems:
         lines = "\n  ".join(problems)
@@ -424,6 +424,8 @@ def load(project: Project, path: Path | None = None) -> Config:
         stop_timeout=float(service.get("stop_timeout", 15)),
     )
     options = {k: v for k, v in data.items() if k not in ("service", "distributed")}
+    if options.get("prompt_cache_dir", False) is False:  # a budget of nothing: no effect
+        options.pop("prompt_cache_dir_bytes", None)
     if "prompt_cache_bytes" in options:  # upstream's parser knows neither K nor T nor 1024s
         options["prompt_cache_bytes"] = parse_bytes(options["prompt_cache_bytes"])
     if options.get("idle_unload", False) is False:
@@ -437,4 +439,24 @@ def load(project: Project, path: Path | None = None) -> Config:
             options[key] = str(value if value.is_absolute() else project.root / value)
     group = data.get("distributed")
     group = config_distributed.parse(group, project.root) if group is not None else None
-    return Config(path=path, options=options, service=settings, distributed=group)
+    explicit = frozenset(k for k in options if not at_default(user, defaults, k))
+    return Config(path, options, settings, group, tuple(notes(user, options)), explicit)
+
+
+def at_default(user: dict[str, Any], defaults: dict[str, Any], key: str) -> bool:
+    """The user's file leaves `key` at its default: absent, or the shipped value itself (what
+    `config init` copies; paths compared as paths)."""
+    if key not in user:
+        return True
+    value, default = user[key], defaults.get(key)
+    if key in PATH_KEYS and isinstance(value, str) and isinstance(default, str):
+        return os.path.normpath(value) == os.path.normpath(default)
+    return value == default and type(value) is type(default)
+
+
+def notes(user: dict[str, Any], options: dict[str, Any]) -> list[str]:
+    """Keys of the user's file that have no effect on the server's options (`config check`
+    shows them; never a refusal)."""
+    if "prompt_cache_dir_bytes" not in user or "prompt_cache_dir_bytes" in options:
+        return []
+    return ["prompt_cache_dir_bytes has no effect: the disk prompt cache is off"]

@@ -143,25 +143,12 @@ def server_problems(data: dict[str, Any]) -> list[str]:
     """Problems of server options that a group cannot honour (the merged config)."""
     if "distributed" not in data:
         return []
-    problems = [
+    return [
         f"{key} is set but [distributed] is on; allowed: one of them (mlx_lm.server does not "
         "load adapters or draft models in a group)"
         for key in UNSUPPORTED
         if key in data
     ]
-    if isinstance(data.get("prompt_cache_dir"), str):
-        problems.append(
-            "prompt_cache_dir is set but [distributed] is on: the disk prompt cache is not "
-            "kept per rank yet, so a group cannot use it; allowed: prompt_cache_dir = false"
-        )
-    return problems
-
-
-def drop_disk_cache_default(merged: dict[str, Any], user: dict[str, Any]) -> None:
-    """Under [distributed] the default disk prompt cache is off (see server_problems)."""
-    if "distributed" in user and "prompt_cache_dir" not in user:
-        merged.pop("prompt_cache_dir", None)
-        merged.pop("prompt_cache_dir_bytes", None)
 
 
 def parse(table: dict[str, Any], root: Path) -> Distributed:

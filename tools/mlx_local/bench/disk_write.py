@@ -45,7 +45,9 @@ WIDE_KV = {
     "head_dim": 128,
     "torch_dtype": "float32",
 }
-SAVED = re.compile(r"Prompt cache disk: saved (\d+) tokens to \S+ \((\d+) bytes in ([\d.]+) s\)")
+SAVED = re.compile(
+    r"Prompt cache disk: saved (\d+) tokens to \S+ \((?:[^)]*, )?(\d+) bytes in ([\d.]+) s\)"
+)
 SHORT = "Hello, how are"
 
 

@@ -28,6 +28,7 @@ from . import (
     control,
     exposure,
     group,
+    group_disk,
     install,
     kind,
     kv_check,
@@ -164,6 +165,7 @@ def _config_show(args: argparse.Namespace) -> int:
 
 def _config_check(args: argparse.Namespace) -> int:
     proj, cfg = _load()
+    cfg = group_disk.settle(cfg, proj)
     python = project.runtime_python()
     model = command.resolve_model(cfg.model, proj)
     cmd = command.build_command(cfg, proj, python, model)
@@ -171,6 +173,8 @@ def _config_check(args: argparse.Namespace) -> int:
     reading = guard.read_model(model)
     kv_check.check_model(cfg, model, reading)
     console.print(f"[green]ok[/] {cfg.path} is valid", highlight=False)
+    for note in cfg.notes:
+        console.print(f"note: {note}", highlight=False)
     for warning in warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if model.kind == "hub":
@@ -187,6 +191,7 @@ def _config_check(args: argparse.Namespace) -> int:
         return 0
     help_text = server_help(python)
     problem = command.upstream_option_problem(cmd, help_text)
+    problem = problem or command.patch_option_problem(cmd, help_text, command.queued_options(proj))
     if problem:
         raise UserError(problem)
     missing = command.unsupported_flags(cmd, help_text)
@@ -356,7 +361,14 @@ def _rank_row(rank: dict) -> tuple[str, str]:
     alive = "[green]alive[/]" if rank["alive"] else "[red]down[/]"
     memory = f", {rank['rss_bytes'] / 2**20:.0f} MiB" if rank["rss_bytes"] else ""
     error = f" ({rank['error']})" if rank["error"] else ""
-    return f"rank {rank['rank']}", f"{rank['host']} pid {rank['pid'] or '-'} {alive}{memory}{error}"
+    disk = rank.get("disk")
+    if disk is not None:
+        disk = (
+            f"; disk tier {disk['entries']} entries, {disk['blocks']} blocks, "
+            f"{disk['bytes'] / 2**20:.1f} MiB"
+        )
+    line = f"{rank['host']} pid {rank['pid'] or '-'} {alive}{memory}{disk or ''}{error}"
+    return f"rank {rank['rank']}", line
 
 
 def _logs(args: argparse.Namespace) -> int:

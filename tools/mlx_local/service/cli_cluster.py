@@ -9,7 +9,7 @@ from rich.console import Console
 from .. import config as config_mod
 from .. import project
 from ..errors import UserError
-from . import cluster, cluster_check, command
+from . import cluster, cluster_check, command, group_disk
 
 console = Console(soft_wrap=True, highlight=False)
 
@@ -33,6 +33,9 @@ def _check(args: argparse.Namespace) -> int:
     cfg = config_mod.load(proj)
     if cfg.distributed is None:
         raise UserError(f"{cfg.path} has no [distributed] table: this is a one-machine setup")
+    cfg = group_disk.settle(cfg, proj)
+    for note in cfg.notes:
+        console.print(f"note: {note}")
     python = project.runtime_python()
     server = command.build_command(cfg, proj, python)
     launch = cluster.launch_command(proj, cfg.distributed, python, server)

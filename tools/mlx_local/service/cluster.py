@@ -25,6 +25,8 @@ RANK_DIR = PurePosixPath(".mlx-local") / "cluster"  # under each host's project 
 KEY_FILE = "api-key"
 SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=5")
 SSH_TIMEOUT = 30.0
+# Server options naming a folder of the project: each rank takes its own project's.
+RANK_PATHS = ("--model", "--prompt-cache-dir")
 
 # $1: rank 0's project root, $2: its python, $3/$4: the same for the other ranks; then the
 # server's arguments. The pid written is the server's: `exec` keeps it.
@@ -98,8 +100,9 @@ def launcher(python: Path) -> Path:
     return python.parent / "mlx.launch"
 
 
-def _relative_model(argument: str, project: Project, group: Distributed) -> str:
-    """The --model value every rank can use: relative to its project when under this one."""
+def in_rank_project(argument: str, project: Project) -> str:
+    """A path every rank can use (--model, --prompt-cache-dir): relative to its project when
+    under this one (each rank runs in its own project), else as it is."""
     path = Path(argument)
     if path.is_absolute() and path.is_relative_to(project.root):
         return str(path.relative_to(project.root))
@@ -111,8 +114,10 @@ def launch_command(
 ) -> ServerCommand:
     """The `mlx.launch` command that runs `server` on every rank of `group`."""
     args = server.argv[1:]  # -m mlx_lm.server ...
-    model_at = args.index("--model") + 1
-    args[model_at] = _relative_model(args[model_at], project, group)
+    for option in RANK_PATHS:
+        if option in args:
+            at = args.index(option) + 1
+            args[at] = in_rank_project(args[at], project)
     if group.mode == "pipeline":
         args.append("--pipeline")
     argv = [str(launcher(python)), "--backend", group.backend]

@@ -14,6 +14,7 @@ from ..errors import UserError
 from ..models.listing import model_folders
 from ..models.source import HUB_ID
 from ..project import Project
+from ..repo import patchqueue
 from ..server_help import options_in
 from . import keystore
 
@@ -145,3 +146,35 @@ def upstream_option_problem(command: ServerCommand, known_text: str) -> str | No
         f"the mlx-lm release in mlx-lm-repo/ lacks {since}: move to a newer release with "
         "update-upstream, or remove the key from the config"
     )
+
+
+def queued_options(project: Project) -> dict[str, patchqueue.SeriesEntry]:
+    """Each server option a patch of the queue provides -> that patch's series entry."""
+    if not project.series_file.is_file():
+        return {}
+    return {
+        item: entry
+        for entry in patchqueue.Series.load(project.series_file).entries
+        for item in patchqueue.read_patch(project.patches_dir / entry.name).provides
+        if item.startswith("--")
+    }
+
+
+def patch_option_problem(
+    command: ServerCommand, known_text: str, queued: dict[str, patchqueue.SeriesEntry]
+) -> str | None:
+    """Why the server (whose --help or source is `known_text`) cannot take an option of
+    `command` that a patch provides (`queued`, from queued_options): the patch is not applied
+    there, guarded out at this base or not set up yet; None when it can take them all."""
+    missing = [f for f in unsupported_flags(command, known_text) if f in queued]
+    if not missing:
+        return None
+    flag, entry = missing[0], queued[missing[0]]
+    key = next((name for name, k in SERVER_KEYS.items() if k.flag == flag), flag)
+    lacks = f"the server in mlx-lm-repo/ lacks {flag} (config key {key})"
+    if entry.guard is not None:
+        return (
+            f"{lacks}: patch {entry.name} applies to mlx-lm {entry.guard} only; move to such a "
+            "release with update-upstream, or remove the key from the config"
+        )
+    return f"{lacks}: run setup-repo so that patch {entry.name} is applied"

@@ -13,7 +13,7 @@ from ..config import Config
 from ..errors import UserError
 from ..plan.estimate import Verdict
 from ..project import PYTHON_ENV, ROOT_ENV, Project
-from . import cluster, install, login, logs, process, systemctl, systemd
+from . import cluster, group_disk, install, login, logs, process, systemctl, systemd
 from . import metrics as metrics_mod
 from .command import resolve_model
 from .kind import Kind
@@ -374,10 +374,17 @@ def status(project: Project, config: Config) -> Status:
             if summary and summary.activity and summary.model_state_since is not None
             else None
         ),
-        ranks=[
-            asdict(rank)
-            for rank in cluster.signal_ranks(cluster.ranks(project, config.distributed))
-        ]
-        if config.distributed is not None
-        else [],
+        ranks=_ranks(project, config) if config.distributed is not None else [],
     )
+
+
+def _ranks(project: Project, config: Config) -> list[dict]:
+    """Each rank of a group: host, pid, alive, memory, and its disk tier (None: off)."""
+    states = cluster.signal_ranks(cluster.ranks(project, config.distributed))
+    keeps = group_disk.server_keeps_ranks(project)
+    disk = group_disk.usage(project, config) if keeps else {}
+    return [{**asdict(state), "disk": _asdict(disk.get(state.rank))} for state in states]
+
+
+def _asdict(value: object) -> dict | None:
+    return asdict(value) if value is not None else None

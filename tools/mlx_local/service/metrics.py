@@ -43,6 +43,9 @@ class Summary:
     memory_active_bytes: int
     memory_peak_bytes: int
     memory_cache_bytes: int
+    disk_blocks: int = 0
+    disk_blocks_shared: int = 0
+    disk_written_bytes: int = 0
     # --idle-unload (patch 0015): loading, loaded, unloading or unloaded; None without it
     model_state: str | None = None
     model_state_since: float | None = None  # when that state began (Unix time)
@@ -131,6 +134,9 @@ def summarize(samples: Samples) -> Summary:
         memory_active_bytes=n("memory_active_bytes"),
         memory_peak_bytes=n("memory_peak_bytes"),
         memory_cache_bytes=n("memory_cache_bytes"),
+        disk_blocks=n("prompt_cache_disk_blocks"),
+        disk_blocks_shared=n("prompt_cache_disk_blocks_shared"),
+        disk_written_bytes=n("prompt_cache_disk_written_bytes_total"),
         model_state=states[0] if states else None,
         model_state_since=_get(samples, "model_state_start_time_seconds") if states else None,
         idle_unload_seconds=_get(samples, "idle_unload_seconds"),
@@ -199,6 +205,11 @@ def panel_rows(summary: Summary | None, detail: str) -> list[tuple[str, str]]:
             "prompt cache",
             f"{s.cache_entries_memory} in memory ({_size(s.cache_bytes_memory)}), "
             f"{s.cache_entries_disk} on disk ({_size(s.cache_bytes_disk)})",
+        ),
+        (
+            "disk blocks",
+            f"{s.disk_blocks} ({s.disk_blocks_shared} shared), "
+            f"{_size(s.disk_written_bytes)} written in this run",
         ),
         (
             "mlx memory",

@@ -19,8 +19,16 @@ from ..errors import UserError
 from ..plan import guard
 from ..plan.estimate import Verdict
 from ..project import Project
-from . import cluster, exposure, kv_check, logs, process
-from .command import Model, ServerCommand, build_command, resolve_model, upstream_option_problem
+from . import cluster, exposure, group_disk, kv_check, logs, process
+from .command import (
+    Model,
+    ServerCommand,
+    build_command,
+    patch_option_problem,
+    queued_options,
+    resolve_model,
+    upstream_option_problem,
+)
 
 HUB_TIMEOUT = 5.0
 
@@ -87,8 +95,9 @@ def plan(
     fallback_demo: bool = False,
 ) -> Plan:
     """Check everything a server start needs and build its command line."""
-    warnings = exposure.check(config)
     check_runtime(project, python)
+    config = group_disk.settle(config, project)
+    warnings = exposure.check(config)
     model = resolve_model(model_override or config.model, project)
     if model.kind == "hub":
         status = hub_status(model.spec)
@@ -110,9 +119,9 @@ def plan(
     warnings += kv_check.check(config, python, model, reading)
     command = build_command(config, project, python, model)
     source = project.checkout_dir / "mlx_lm" / "server.py"
-    problem = upstream_option_problem(
-        command, source.read_text("utf-8") if source.is_file() else ""
-    )
+    known = source.read_text("utf-8") if source.is_file() else ""
+    problem = upstream_option_problem(command, known)
+    problem = problem or patch_option_problem(command, known, queued_options(project))
     if problem:
         raise UserError(problem)
     verdict = guard.config_verdict(config, model, reading)
