@@ -8,7 +8,8 @@ One run, two models, real servers:
   they stand out from the runtime): the RSS and mlx's memory of a server that loaded
   nothing, of the server with the model loaded, and of the same process once idle; the
   time a reload takes with the weights in the OS file cache and with that file evicted
-  from it first (posix_fadvise DONTNEED: read from the disk);
+  from it first (posix_fadvise DONTNEED: meant to read from disk; a VM's host may still
+  cache it);
 - the next turn's time to first token, on the bench model (bench-qwen3, a prefix of
   --prefix tokens): the same turn warm in memory, after a wake-up (reload + the prefix
   from the disk tier + only the new tokens), and cold (reload + the whole prompt), each
