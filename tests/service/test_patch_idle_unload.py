@@ -101,11 +101,34 @@ def settled_rss(pid: int) -> int:
     return last
 
 
+def anon_rss(pid: int) -> int | None:
+    """The process's own data in memory (RssAnon: heap, anonymous mappings, stacks), without
+    the file-backed pages of its libraries' code; None where /proc does not say."""
+    status = Path(f"/proc/{pid}/status")
+    if not status.is_file():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def bad_post(url: str) -> None:
+    """A malformed chat request (400): the server imports its request handlers, no model."""
+    request = urllib.request.Request(f"{url}/v1/chat/completions", b"{", {})
+    try:
+        urllib.request.urlopen(request, timeout=30)
+    except urllib.error.HTTPError as error:
+        assert error.code == 400
+
+
 def test_memory_falls_to_a_server_that_loaded_nothing(patched_runtime, wide_model, tmp_path):
     common = ["--idle-unload", IDLE, "--prompt-cache-dir", str(tmp_path / "pc")]
     with server_process(patched_runtime.python, common) as (process, url, _):
         assert get(url, "/health") == 200
+        bad_post(url)  # like the other, it has answered a POST (its handlers' code imported)
         baseline = settled_rss(process.pid)
+        baseline_anon = anon_rss(process.pid)
 
     weights = (wide_model / "model.safetensors").stat().st_size
     args = ["--model", str(wide_model), *common]
@@ -124,21 +147,31 @@ def test_memory_falls_to_a_server_that_loaded_nothing(patched_runtime, wide_mode
         time.sleep(1)
         after = metrics(url)
         unloaded = settled_rss(process.pid)
+        unloaded_anon = anon_rss(process.pid)
 
         assert process.poll() is None  # the same process (pid) throughout
         assert after["state"] == "unloaded"
-        assert after["mlx_lm_idle_unloads_total"] == 1
-        assert after["mlx_lm_idle_reloads_total"] == 0
+        # One unload after the chat, no load since (a slow box may also have unloaded once
+        # between the start and the chat, which then loaded it again).
+        assert after["mlx_lm_idle_unloads_total"] == loaded_figures["mlx_lm_idle_unloads_total"] + 1
+        assert after["mlx_lm_idle_reloads_total"] == loaded_figures["mlx_lm_idle_reloads_total"]
         assert idle["mlx_lm_memory_active_bytes"] <= RANDOM_KEYS
         assert after["mlx_lm_memory_active_bytes"] <= RANDOM_KEYS
         assert after["mlx_lm_memory_cache_bytes"] == 0
-        assert unloaded <= baseline * 1.15, (
-            f"RSS idle {unloaded >> 20} MiB, a server that loaded nothing {baseline >> 20} MiB, "
+        shown = (
+            f"RSS idle {unloaded >> 20} MiB (own data {(unloaded_anon or 0) >> 20} MiB), a server "
+            f"that loaded nothing {baseline >> 20} MiB ({(baseline_anon or 0) >> 20} MiB), "
             f"loaded {loaded >> 20} MiB"
         )
+        # The process's own data is back within 15% of a server that loaded nothing. Its whole
+        # RSS also counts the code of libmlx's CPU kernels and of the tokenizers library that
+        # the first request paged in (clean file pages, ~7 MiB here): 1.10-1.15x in runs here.
+        if baseline_anon is not None and unloaded_anon is not None:
+            assert unloaded_anon <= baseline_anon * 1.15, shown
+        assert unloaded <= baseline * 1.20, shown
         text = log.read_text()
         assert "Idle: unloaded the model after" in text
-        assert "Idle: loaded the model again" not in text
+        assert text.count("Idle: loaded the model again") == after["mlx_lm_idle_reloads_total"]
     assert process.returncode == 0  # SIGTERM while unloaded: a clean stop
 
 
@@ -162,7 +195,7 @@ def test_next_turn_after_an_unload_comes_from_disk_with_the_same_answer(
         assert process.poll() is None
 
     assert reply["choices"][0]["message"] == reference["choices"][0]["message"]
-    assert after["mlx_lm_idle_reloads_total"] == 1
+    assert after["mlx_lm_idle_reloads_total"] == before["mlx_lm_idle_reloads_total"] + 1
     prompt = reply["usage"]["prompt_tokens"]
     cached = reply["usage"]["prompt_tokens_details"]["cached_tokens"]
     shared = shared_prefix(patched_runtime.python, demo_model, first, second)
@@ -172,7 +205,9 @@ def test_next_turn_after_an_unload_comes_from_disk_with_the_same_answer(
         - (before["mlx_lm_prompt_tokens_processed_total"])
     )
     assert processed == prompt - cached <= prompt - shared  # only the new tokens
-    assert after["mlx_lm_prompt_cache_disk_loaded_total"] == 1
+    assert after["mlx_lm_prompt_cache_disk_loaded_total"] == (
+        before["mlx_lm_prompt_cache_disk_loaded_total"] + 1
+    )
     assert "Prompt cache disk: loaded" in log.read_text()
 
 
@@ -185,7 +220,7 @@ def test_a_burst_at_the_moment_of_unload_is_served_after_one_load(
     with server_process(patched_runtime.python, args) as (process, url, log):
         chat(url, conversation("Project Gamma"))
         # The unload begins: 20 requests of three APIs at once, while it runs or right after.
-        while metrics(url)["state"] == "loaded":
+        while (before := metrics(url))["state"] == "loaded":
             time.sleep(0.01)
         requests = loadtest.make_requests(20, malformed_every=0, max_tokens=6, apis=apis)
         report = loadtest.run_load(url, requests, concurrency=20)
@@ -194,10 +229,16 @@ def test_a_burst_at_the_moment_of_unload_is_served_after_one_load(
 
     assert report.answered_200 == 20, [o.detail for o in report.outcomes if not o.correct]
     assert figures["state"] == "loaded"
-    assert figures["mlx_lm_idle_unloads_total"] == 1
-    assert figures["mlx_lm_idle_reloads_total"] == 1  # one load for the whole burst
+    assert figures["mlx_lm_idle_unloads_total"] == before["mlx_lm_idle_unloads_total"] + (
+        before["state"] == "unloading"
+    )
+    # one load for the whole burst
+    assert figures["mlx_lm_idle_reloads_total"] == before["mlx_lm_idle_reloads_total"] + 1
     assert figures["mlx_lm_idle_waited_requests_total"] >= 1
-    assert log.read_text().count("Idle: loaded the model again") == 1
+    assert (
+        log.read_text().count("Idle: loaded the model again")
+        == (figures["mlx_lm_idle_reloads_total"])
+    )
 
 
 def test_a_model_gone_while_idle_fails_the_waiting_requests_and_exits_1(patched_runtime, tmp_path):
@@ -270,9 +311,11 @@ def test_status_says_idle_and_for_how_long(patched_runtime, demo_model, tmp_path
     assert shown["activity"] == "idle (model unloaded)"
     assert shown["activity_seconds"] >= 1
     assert shown["metrics"]["model_state"] == "unloaded"
-    assert shown["metrics"]["idle_unloads"] == 1
+    # The clock starts at the load: a slow box may unload before the chat and reload for it.
+    unloads, reloads = shown["metrics"]["idle_unloads"], shown["metrics"]["idle_reloads"]
+    assert unloads >= 1 and reloads == unloads - 1
     assert "running, idle (model unloaded) for 0:00:0" in panel
-    assert "after 2 s without a request; 1 unloads, 0 reloads" in panel
+    assert f"after 2 s without a request; {unloads} unloads, {reloads} reloads" in panel
 
 
 def test_a_distributed_group_refuses_it_with_one_line(patched_runtime, demo_model):

@@ -8,7 +8,8 @@ One run, two models, real servers:
   they stand out from the runtime): the RSS and mlx's memory of a server that loaded
   nothing, of the server with the model loaded, and of the same process once idle; the
   time a reload takes with the weights in the OS file cache and with that file evicted
-  from it first (posix_fadvise DONTNEED: read from the disk);
+  from it first (posix_fadvise DONTNEED: meant to read from disk; a VM's host may still
+  cache it);
 - the next turn's time to first token, on the bench model (bench-qwen3, a prefix of
   --prefix tokens): the same turn warm in memory, after a wake-up (reload + the prefix
   from the disk tier + only the new tokens), and cold (reload + the whole prompt), each
@@ -28,9 +29,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +94,25 @@ class Server:
                 return now
             last = now
         return last
+
+
+def anon_rss(pid: int) -> int | None:
+    """RssAnon: the process's own data (heap, anonymous mappings, stacks) without the
+    file-backed pages of its libraries' code; None where /proc does not say (macOS)."""
+    status = Path(f"/proc/{pid}/status")
+    if not status.is_file():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _post_malformed(url: str) -> None:
+    """A 400: the server imports its request handlers' code, and loads nothing."""
+    request = urllib.request.Request(f"{url}/v1/chat/completions", b"{", {})
+    with suppress(urllib.error.HTTPError):
+        urllib.request.urlopen(request, timeout=60).close()
 
 
 def _rss(pid: int) -> int:
@@ -163,13 +184,16 @@ def memory_and_load(python: str, root: Path, idle: float) -> dict:
     common = ["--idle-unload", f"{idle:g}", "--prompt-cache-dir", str(root / "pc-wide")]
     log = root / "wide.log"
     with server(python, common, log) as s:
+        _post_malformed(s.url)  # like the other server, it has answered a POST
         baseline = s.rss()
+        baseline_anon = anon_rss(s.process.pid)
     hello = [{"role": "user", "content": "hello"}]
     with server(python, ["--model", str(model), *common], log) as s:
         _chat(s, hello, {})
         loaded, loaded_mx = s.rss(), s.metrics()
         s.wait_state("unloaded")
         unloaded, idle_mx = s.rss(), s.metrics()
+        unloaded_anon = anon_rss(s.process.pid)
         _chat(s, hello, {})  # reload with the weights in the file cache
         cached_reload = float(s.metrics()["mlx_lm_idle_last_reload_seconds"])
         s.wait_state("unloaded")
@@ -182,6 +206,8 @@ def memory_and_load(python: str, root: Path, idle: float) -> dict:
         "rss_nothing_loaded": baseline,
         "rss_loaded": loaded,
         "rss_idle": unloaded,
+        "rss_anon_nothing_loaded": baseline_anon,
+        "rss_anon_idle": unloaded_anon,
         "mlx_active_loaded": loaded_mx["mlx_lm_memory_active_bytes"],
         "mlx_active_idle": idle_mx["mlx_lm_memory_active_bytes"],
         "mlx_cache_idle": idle_mx["mlx_lm_memory_cache_bytes"],
@@ -261,6 +287,12 @@ def report(memory: dict, turn: dict) -> str:
         f"  idle / loaded RSS: {m['rss_idle'] / m['rss_loaded']:.3f}; idle / nothing loaded: "
         f"{m['rss_idle'] / m['rss_nothing_loaded']:.3f}; of the {_mib(held)} the model held, "
         f"{_mib(left)} stay ({left / held:.3f})",
+        (
+            f"  own data (RssAnon): nothing loaded {_mib(m['rss_anon_nothing_loaded'])}, idle "
+            f"{_mib(m['rss_anon_idle'])} ({m['rss_anon_idle'] / m['rss_anon_nothing_loaded']:.3f})"
+            if m.get("rss_anon_idle") and m.get("rss_anon_nothing_loaded")
+            else "  own data (RssAnon): not available here"
+        ),
         f"  mlx active: loaded {int(m['mlx_active_loaded'])} bytes, idle "
         f"{int(m['mlx_active_idle'])} bytes; mlx cache idle {int(m['mlx_cache_idle'])} bytes",
         f"  reload: {m['reload_seconds_file_cache']:.2f} s from the file cache "
