@@ -247,7 +247,9 @@ def test_the_prompt_cache_never_changes_an_answer(
 
 
 KV_FINDINGS: dict[int, set[str]] = {8: set(), 4: set()}
-"""Exchanges whose greedy answer KV quantization changes (measured; see status-demo.md)."""
+"""Exchanges whose greedy answer KV quantization changes. Measured on the CPU backend: none,
+kv_bits 8 and 4 (group size 32, quantized_kv_start 0) keep all five, the 236-token story and
+the long thought included."""
 
 
 @pytest.mark.parametrize("bits", [8, 4])
