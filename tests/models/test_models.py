@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from mlx_local.models import demo_model as demo_model_files
 from mlx_local.models.convert import VERIFY_TOKENS
 from mlx_local.models.manifest import MANIFEST_FILE
 from tests.conftest import PatchedRuntime, make_project
@@ -101,7 +102,7 @@ def test_manifest_matches_the_real_files(
     assert manifest["name"] == name
 
     source_files = ["config.json", "generation_config.json", "model.safetensors"]
-    source_files += ["tokenizer.json", "tokenizer_config.json"]
+    source_files += ["tokenizer.json", "tokenizer_config.json", demo_model_files.RECORD_FILE]
     assert manifest["source"] == {
         "kind": "local",
         "path": str(demo_model.resolve()),

@@ -48,7 +48,10 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict]:
 def test_chat_completion_carries_the_served_name(server: tuple[str, Path]) -> None:
     base_url, _ = server
     answer = client(base_url).chat.completions.create(
-        model=SERVED, messages=MESSAGES, max_tokens=MAX_TOKENS
+        model=SERVED,
+        messages=MESSAGES,
+        max_tokens=MAX_TOKENS,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},  # content, no thought
     )
     assert answer.model == SERVED
     assert isinstance(answer.choices[0].message.content, str)

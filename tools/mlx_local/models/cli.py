@@ -74,7 +74,7 @@ def _register_models(sub: argparse._SubParsersAction) -> None:
 def _register_demo(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser(
         "demo-model",
-        help="build the tiny random-weight demo model (offline, seconds; talks gibberish)",
+        help="build the tiny scripted demo model (offline, under a second; says a short script)",
         description="Build the tiny scripted Qwen3 in Hugging Face format (shipped trained "
         "weights and tokenizer, copied offline): it says the script in demo_script.py.",
     )

@@ -201,7 +201,9 @@ def _completed(request: Request, body: bytes) -> bool:
         chunks = [json.loads(event) for event in events[:-1]]
         return any(c["choices"] and c["choices"][0].get("finish_reason") for c in chunks)
     choice = json.loads(body)["choices"][0]
-    return isinstance(choice["message"].get("content"), str) and bool(choice["finish_reason"])
+    # A thinking model cut by max_tokens may have said only its thought (no content yet).
+    said = [choice["message"].get(key) for key in ("content", "reasoning")]
+    return any(isinstance(text, str) for text in said) and bool(choice["finish_reason"])
 
 
 def _judge(request: Request, status: int, body: bytes) -> tuple[bool, str]:

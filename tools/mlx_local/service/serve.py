@@ -114,7 +114,7 @@ def plan(
             demo = demo_model(project)
             warnings.append(
                 f"the hub is unreachable and {model.spec!r} is not cached: serving the demo "
-                f"model {demo.path} instead (it talks gibberish)"
+                f"model {demo.path} instead (it only knows a few scripted answers)"
             )
             model = demo
     reading = guard.read_model(model)
