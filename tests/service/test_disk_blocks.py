@@ -50,6 +50,7 @@ def test_follow_ups_write_only_their_new_blocks(patched_runtime, demo_model, tmp
         assert length // BLOCK >= 4 and int(saved[-1][2]) == length // BLOCK + 1
         for _ in range(5):
             before = {p.name for p in blocks_of(folder)}
+            tails_before = len(tails_of(folder))
             messages = next_turn(messages, reply)
             reply = chat(url, messages)
             wait_written(url)
@@ -58,7 +59,9 @@ def test_follow_ups_write_only_their_new_blocks(patched_runtime, demo_model, tmp
             # only blocks that end after the last full block of the previous turn
             assert all(int(metadata(p)["start"]) >= length // BLOCK * BLOCK for p in new_blocks)
             assert len(new_blocks) == new_length // BLOCK - length // BLOCK
-            assert len(tails_of(folder)) == 1  # the previous tail was replaced
+            # One new tail at most: Qwen3's template renders the previous answer without
+            # its thought, so the tail that held it is another conversation's end and stays.
+            assert len(tails_of(folder)) <= tails_before + 1
             length = new_length
         follow_bytes = metric(url, "prompt_cache_disk_written_bytes_total") - first_bytes
     # five follow-ups of ~20 tokens wrote less than the first turn did (whole entries: 5x)
