@@ -120,11 +120,9 @@ def plan(
     reading = guard.read_model(model)
     warnings += kv_check.check(config, python, model, reading)
     command = build_command(config, project, python, model)
-    source = project.checkout_dir / "mlx_lm" / "server.py"
-    known = source.read_text("utf-8") if source.is_file() else ""
+    known = checkout_sources(project)  # server.py and the patches' modules, read once
     problem = upstream_option_problem(command, known)
-    if problem is None and source.is_file():
-        known = checkout_sources(project)
+    if problem is None and known:
         problem = patch_option_problem(command, known, queued_options(project))
     if problem:
         raise UserError(problem)
