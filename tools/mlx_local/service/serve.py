@@ -137,8 +137,8 @@ def curl_example(host: str, port: int, served_name: str, with_key: bool) -> str:
     body = json.dumps(
         {
             "model": served_name,
-            "messages": [{"role": "user", "content": "Say hello"}],
-            "max_tokens": 32,
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 64,
         }
     )
     auth = ' -H "Authorization: Bearer $MLX_LM_API_KEY"' if with_key else ""
