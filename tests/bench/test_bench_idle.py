@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def test_bench_idle_reports_memory_and_the_next_turn(patched_runtime, tmp_path):
     out = tmp_path / "idle.json"
     result = subprocess.run(
-        [sys.executable, "-m", "mlx_local.bench.idle", "--prefix", "400"]
+        [sys.executable, "-m", "mlx_local.bench.idle", "--prefix", "400", "--rounds", "1"]
         + ["--python", str(patched_runtime.python), "--json", str(out)],
         capture_output=True,
         text=True,
@@ -37,3 +37,7 @@ def test_bench_idle_reports_memory_and_the_next_turn(patched_runtime, tmp_path):
     assert re.search(r"idle / loaded RSS: \d\.\d{3}", result.stdout)
     assert re.search(r"wake-up / warm: \d+\.\d\d; wake-up / cold: \d\.\d{3}", result.stdout)
     assert "estimate for a 60 GB model (an estimate, not a measurement)" in result.stdout
+    cost = figures["loaded_cost"]
+    assert cost["rounds"] == 1
+    assert all(cost[side]["prefill"] > 0 and cost[side]["decode"] > 0 for side in ("off", "on"))
+    assert re.search(r"a new prompt's TTFT: .* with it \(\d\.\d{3}\)", result.stdout)

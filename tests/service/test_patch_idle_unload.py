@@ -163,13 +163,13 @@ def test_memory_falls_to_a_server_that_loaded_nothing(patched_runtime, wide_mode
             f"that loaded nothing {baseline >> 20} MiB ({(baseline_anon or 0) >> 20} MiB), "
             f"loaded {loaded >> 20} MiB"
         )
-        # The process's own data falls back near a server that loaded nothing: 0.98x with the
-        # random model, 1.20x (about 11 MiB more, not yet explained) with the trained demo
-        # model, so the 15% is not met here. Its whole RSS also counts the code of
-        # libmlx's CPU kernels and of the tokenizers library the first request paged in.
+        # Within the 15% of a server that loaded nothing: the whole RSS (which also
+        # counts the code of libmlx's CPU kernels and of the tokenizers library that the first
+        # request paged in) and the process's own data (1.06x and 0.95x measured; before the
+        # patch held glibc's malloc thresholds, a thread arena's free top kept up to 1.20x).
         if baseline_anon is not None and unloaded_anon is not None:
-            assert unloaded_anon <= baseline_anon * 1.25, shown
-        assert unloaded <= baseline * 1.30, shown
+            assert unloaded_anon <= baseline_anon * 1.15, shown
+        assert unloaded <= baseline * 1.15, shown
         text = log.read_text()
         assert "Idle: unloaded the model after" in text
         assert text.count("Idle: loaded the model again") == after["mlx_lm_idle_reloads_total"]

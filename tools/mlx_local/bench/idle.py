@@ -15,6 +15,11 @@ One run, two models, real servers:
   from the disk tier + only the new tokens), and cold (reload + the whole prompt), each
   split into the load and the rest (prefill).
 
+- what the option costs while the model is loaded (on Linux it also holds glibc's
+  malloc thresholds fixed, so that freed memory goes back): a new prompt's prefill and
+  the decode rate on the bench model, servers with and without ``--idle-unload`` (an
+  hour, so that nothing unloads) started in turn, --rounds times each.
+
 From the load rate measured here it prints an estimate for a 60 GB model (an estimate:
 a Mac's SSD and unified memory are not this machine).
 """
@@ -25,6 +30,7 @@ import argparse
 import http.client
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +60,7 @@ WIDE = {
     "num_key_value_heads": 4,
 }
 ANSWER_TOKENS = 16
+DECODE_TOKENS = 64
 LARGE_MODEL_BYTES = 60e9
 
 
@@ -217,9 +224,8 @@ def memory_and_load(python: str, root: Path, idle: float) -> dict:
     }
 
 
-def next_turn(python: str, root: Path, idle: float, prefix: int) -> dict:
-    """The same next turn: warm in memory, after a wake-up (disk tier), cold."""
-    model = build_bench_model(root / "bench")
+def next_turn(python: str, model: Path, root: Path, idle: float, prefix: int) -> dict:
+    """The same next turn on `model`: warm in memory, after a wake-up (disk tier), cold."""
     bias = {i: -100.0 for i in end_of_text_ids(model)}
     maker = PromptMaker(model)
     args = ["--model", str(model), "--idle-unload", f"{idle:g}"]
@@ -260,13 +266,41 @@ def next_turn(python: str, root: Path, idle: float, prefix: int) -> dict:
     return result
 
 
+def loaded_cost(python: str, model: Path, root: Path, prefix: int, rounds: int) -> dict:
+    """A new prompt's prefill and the decode rate on `model`, with and without
+    --idle-unload (never reached), the servers started in turn; each side's median."""
+    bias = {i: -100.0 for i in end_of_text_ids(model)}
+    maker = PromptMaker(model)
+    sides: dict[str, dict[str, list[float]]] = {
+        side: {"prefill": [], "decode": []} for side in ("off", "on")
+    }
+    for _ in range(rounds):
+        for side, extra in (("off", []), ("on", ["--idle-unload", "3600"])):
+            with server(python, ["--model", str(model), *extra], root / "cost.log") as s:
+                body = {
+                    "messages": _turns(maker.text(prefix), "")[0],
+                    "max_tokens": DECODE_TOKENS,
+                    "temperature": 0.0,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                    "logit_bias": {str(k): v for k, v in bias.items()},
+                }
+                reply = stream_request(s.port, "/v1/chat/completions", body)
+                sides[side]["prefill"].append(reply.ttft)
+                sides[side]["decode"].append(reply.decode_tps or 0.0)
+    return {
+        side: {name: statistics.median(values) for name, values in figures.items()}
+        for side, figures in sides.items()
+    } | {"rounds": rounds}
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def report(memory: dict, turn: dict) -> str:
+def report(memory: dict, turn: dict, cost: dict) -> str:
     """The figures and their ratios, as printed."""
-    m, t = memory, turn
+    m, t, off, on = memory, turn, cost["off"], cost["on"]
     held = m["rss_loaded"] - m["rss_nothing_loaded"]
     left = m["rss_idle"] - m["rss_nothing_loaded"]
     rate = m["weights_bytes"] / m["reload_seconds_disk"]
@@ -312,6 +346,11 @@ def report(memory: dict, turn: dict) -> str:
         f"{cached_byte_rate / 1e6:.0f} MB/s from the file cache: a reload of {large_load:.0f} s "
         f"from disk, {large_cached:.0f} s from the file cache; the first turn after a wake-up "
         "is that plus the new tokens' prefill, a cold one that plus the whole prompt's",
+        f"while loaded (bench-qwen3, medians of {cost['rounds']} servers each, started in turn):",
+        f"  a new prompt's TTFT: {off['prefill']:.3f} s without --idle-unload, "
+        f"{on['prefill']:.3f} s with it ({on['prefill'] / off['prefill']:.3f})",
+        f"  decode: {off['decode']:.1f} tokens/s without, {on['decode']:.1f} with it "
+        f"({on['decode'] / off['decode']:.3f})",
     ]
     return "\n".join(lines)
 
@@ -323,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--prefix", type=int, default=2048, help="prefix tokens (2048)")
     parser.add_argument("--idle", type=float, default=2.0, help="--idle-unload seconds (2)")
+    parser.add_argument("--rounds", type=int, default=3, help="servers per side (3)")
     parser.add_argument("--python", default=sys.executable, help="python with the patched mlx_lm")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -332,14 +372,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = Path(tmp)
         try:
             memory = memory_and_load(args.python, root, args.idle)
-            turn = next_turn(args.python, root, args.idle, args.prefix)
+            model = build_bench_model(root / "bench")
+            turn = next_turn(args.python, model, root, args.idle, args.prefix)
+            cost = loaded_cost(args.python, model, root, args.prefix, args.rounds)
         except (UserError, OSError, http.client.HTTPException):
             for log in sorted(root.glob("*.log")):
                 print(f"--- {log.name}\n{log.read_text(errors='replace')[-2000:]}")
             raise
-    print(report(memory, turn))
+    print(report(memory, turn, cost))
     if args.json:
-        args.json.write_text(json.dumps({"memory": memory, "next_turn": turn}, indent=2) + "\n")
+        figures = {"memory": memory, "next_turn": turn, "loaded_cost": cost}
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
 
