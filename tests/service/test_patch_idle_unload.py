@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from mlx_local.bench.idle import anon_rss
 from mlx_local.models.demo_model import build_demo_model
 from mlx_local.models.demo_variant import build_variant
 from mlx_local.processes import free_port, process_info
@@ -99,18 +100,6 @@ def settled_rss(pid: int) -> int:
             return now
         last = now
     return last
-
-
-def anon_rss(pid: int) -> int | None:
-    """The process's own data in memory (RssAnon: heap, anonymous mappings, stacks), without
-    the file-backed pages of its libraries' code; None where /proc does not say."""
-    status = Path(f"/proc/{pid}/status")
-    if not status.is_file():
-        return None
-    for line in status.read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    return None
 
 
 def bad_post(url: str) -> None:

@@ -50,7 +50,7 @@ from ..service.metrics import parse
 from ..service.process import wait_healthy
 from .model import build_bench_model
 from .prompts import PromptMaker, end_of_text_ids
-from .server import stream_request
+from .server import Reply, stream_request
 
 WIDE = {
     "hidden_size": 1024,
@@ -158,16 +158,20 @@ def evict_from_file_cache(path: Path) -> None:
         os.close(fd)
 
 
-def _chat(s: Server, messages: list[dict], bias: dict[int, float]) -> tuple[float, str, dict]:
+def _stream(s: Server, messages: list[dict], bias: dict[int, float], tokens: int) -> Reply:
     body = {
         "messages": messages,
-        "max_tokens": ANSWER_TOKENS,
+        "max_tokens": tokens,
         "temperature": 0.0,
         "stream": True,
         "stream_options": {"include_usage": True},
         "logit_bias": {str(k): v for k, v in bias.items()},
     }
-    reply = stream_request(s.port, "/v1/chat/completions", body)
+    return stream_request(s.port, "/v1/chat/completions", body)
+
+
+def _chat(s: Server, messages: list[dict], bias: dict[int, float]) -> tuple[float, str, dict]:
+    reply = _stream(s, messages, bias, ANSWER_TOKENS)
     return reply.ttft, reply.text, {"prompt_tokens": reply.prompt_tokens}
 
 
@@ -277,15 +281,8 @@ def loaded_cost(python: str, model: Path, root: Path, prefix: int, rounds: int) 
     for _ in range(rounds):
         for side, extra in (("off", []), ("on", ["--idle-unload", "3600"])):
             with server(python, ["--model", str(model), *extra], root / "cost.log") as s:
-                body = {
-                    "messages": _turns(maker.text(prefix), "")[0],
-                    "max_tokens": DECODE_TOKENS,
-                    "temperature": 0.0,
-                    "stream": True,
-                    "stream_options": {"include_usage": True},
-                    "logit_bias": {str(k): v for k, v in bias.items()},
-                }
-                reply = stream_request(s.port, "/v1/chat/completions", body)
+                first, _ = _turns(maker.text(prefix), "")
+                reply = _stream(s, first, bias, DECODE_TOKENS)
                 sides[side]["prefill"].append(reply.ttft)
                 sides[side]["decode"].append(reply.decode_tps or 0.0)
     return {
