@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from mlx_local.bench.idle import anon_rss
 from mlx_local.models.demo_model import build_demo_model
 from mlx_local.models.demo_variant import build_variant
-from mlx_local.processes import free_port, process_info
+from mlx_local.processes import anon_rss, free_port, rss_bytes, settled_rss
 from mlx_local.service import loadtest
 from mlx_local.service.metrics import parse
 from tests.helpers import make_service_project, server_process
@@ -84,24 +83,6 @@ def get(url: str, path: str) -> int:
         return reply.status
 
 
-def rss(pid: int) -> int:
-    info = process_info(pid)
-    assert info is not None and info.rss_bytes
-    return info.rss_bytes
-
-
-def settled_rss(pid: int) -> int:
-    """The RSS once it stops moving (a second without a change of more than 1%)."""
-    last = rss(pid)
-    for _ in range(20):
-        time.sleep(1)
-        now = rss(pid)
-        if abs(now - last) <= last // 100:
-            return now
-        last = now
-    return last
-
-
 def bad_post(url: str) -> None:
     """A malformed chat request (400): the server imports its request handlers, no model."""
     request = urllib.request.Request(f"{url}/v1/chat/completions", b"{", {})
@@ -124,7 +105,7 @@ def test_memory_falls_to_a_server_that_loaded_nothing(patched_runtime, wide_mode
     with server_process(patched_runtime.python, args) as (process, url, log):
         chat(url, conversation("Project Alpha"))
         loaded_figures = metrics(url)
-        loaded = rss(process.pid)
+        loaded = rss_bytes(process.pid)
         assert loaded_figures["state"] == "loaded"
         assert loaded_figures["mlx_lm_memory_active_bytes"] >= weights * 0.95
         assert loaded - baseline >= weights * 0.8, (loaded, baseline, weights)

@@ -1,4 +1,5 @@
-"""Processes the tools start: free ports, what `ps` says, and the one way to stop a process."""
+"""Processes the tools start: free ports, what `ps` says, their memory, and the one way to
+stop a process."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -53,6 +55,39 @@ def process_info(pid: int) -> ProcInfo | None:
     if len(fields) < 4 or fields[0].startswith("Z"):
         return None
     return ProcInfo(pid, int(fields[1]) * 1024, _parse_etime(fields[2]), fields[3])
+
+
+def rss_bytes(pid: int) -> int:
+    """The RSS of `pid` (ProcessLookupError if it is gone)."""
+    info = process_info(pid)
+    if info is None or not info.rss_bytes:
+        raise ProcessLookupError(f"process {pid} is gone")
+    return info.rss_bytes
+
+
+def settled_rss(pid: int) -> int:
+    """The RSS of `pid` once it stops moving (a second without a change of more than 1%,
+    at most 20 s)."""
+    last = rss_bytes(pid)
+    for _ in range(20):
+        time.sleep(1)
+        now = rss_bytes(pid)
+        if abs(now - last) <= last // 100:
+            return now
+        last = now
+    return last
+
+
+def anon_rss(pid: int) -> int | None:
+    """RssAnon: the process's own data (heap, anonymous mappings, stacks) without the
+    file-backed pages of its libraries' code; None where /proc does not say (macOS)."""
+    status = Path(f"/proc/{pid}/status")
+    if not status.is_file():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
 def _alive(pid: int) -> bool:

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..models.demo_variant import build_variant
-from ..processes import free_port, process_info, terminate
+from ..processes import anon_rss, free_port, settled_rss, terminate
 from ..server_help import server_options
 from ..service.metrics import parse
 from ..service.process import wait_healthy
@@ -92,27 +92,8 @@ class Server:
         raise UserError(f"the model did not become {state} within {timeout:g} s")
 
     def rss(self) -> int:
-        """The RSS once it stops moving (a second without a change of more than 1%)."""
-        last = _rss(self.process.pid)
-        for _ in range(20):
-            time.sleep(1)
-            now = _rss(self.process.pid)
-            if abs(now - last) <= last // 100:
-                return now
-            last = now
-        return last
-
-
-def anon_rss(pid: int) -> int | None:
-    """RssAnon: the process's own data (heap, anonymous mappings, stacks) without the
-    file-backed pages of its libraries' code; None where /proc does not say (macOS)."""
-    status = Path(f"/proc/{pid}/status")
-    if not status.is_file():
-        return None
-    for line in status.read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    return None
+        """The RSS once it stops moving."""
+        return settled_rss(self.process.pid)
 
 
 def _post_malformed(url: str) -> None:
@@ -120,13 +101,6 @@ def _post_malformed(url: str) -> None:
     request = urllib.request.Request(f"{url}/v1/chat/completions", b"{", {})
     with suppress(urllib.error.HTTPError):
         urllib.request.urlopen(request, timeout=60).close()
-
-
-def _rss(pid: int) -> int:
-    info = process_info(pid)
-    if info is None or not info.rss_bytes:
-        raise UserError(f"process {pid} is gone")
-    return info.rss_bytes
 
 
 @contextmanager
